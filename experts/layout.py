@@ -1,0 +1,37 @@
+"""Where a transformers MoE model keeps its routed experts, found without allocating any weights."""
+
+import re
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def load_config(model_dir) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def meta_model(config: PretrainedConfig) -> nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def is_routed_experts(module: nn.Module) -> bool:
+    # `@use_experts_implementation` marks the modules whose forward takes (hidden, top_k_index, top_k_weights).
+    return hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
+
+
+def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: routed experts module} for every MoE layer, in layer order."""
+    found = {}
+    for name, module in model.named_modules():
+        if is_routed_experts(module):
+            found[int(_LAYER.search(name)[1])] = module
+    return dict(sorted(found.items()))
+
+
+def moe_shape(model_dir) -> dict[int, int]:
+    """{layer: number of routed experts} of a checkpoint's model."""
+    return {layer: m.num_experts for layer, m in experts_modules(meta_model(load_config(model_dir))).items()}

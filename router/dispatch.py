@@ -1,0 +1,59 @@
+"""Grouping one MoE layer's tokens by worker and expert, and combining the experts' outputs. Pure torch.
+
+T = tokens, K = experts per token, S = T * K token-expert pairs, E = experts, W = workers, D = hidden
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    order: torch.Tensor  # [S] pair index of each row sent, grouped by worker, then by expert
+    workers: list[int]  # worker of each group, ascending
+    experts: list[int]  # expert of each group
+    counts: list[int]  # rows in each group
+
+    def per_worker(self) -> list[tuple[int, list[int], list[int]]]:
+        """[(worker, experts, counts)] in send order; each worker's rows are contiguous."""
+        out: list[tuple[int, list[int], list[int]]] = []
+        for worker, expert, count in zip(self.workers, self.experts, self.counts):
+            if not out or out[-1][0] != worker:
+                out.append((worker, [], []))
+            out[-1][1].append(expert)
+            out[-1][2].append(count)
+        return out
+
+
+def plan_dispatch(top_k_index: torch.Tensor, expert_worker: torch.Tensor) -> Dispatch:
+    """Sort a layer's token-expert pairs so each worker gets one contiguous block, grouped by expert.
+
+    top_k_index: [T, K] expert ids; expert_worker: [E] the worker that serves each expert in this call.
+    """
+    num_experts = expert_worker.numel()
+    flat = top_k_index.reshape(-1)  # [S]
+    key = expert_worker[flat] * num_experts + flat  # [S]
+    order = torch.argsort(key, stable=True)  # [S]
+    counts = torch.bincount(key, minlength=int(expert_worker.max()) * num_experts + num_experts)  # [W * E]
+    groups = counts.nonzero().squeeze(1)  # [G]
+    return Dispatch(
+        order=order,
+        workers=(groups // num_experts).tolist(),
+        experts=(groups % num_experts).tolist(),
+        counts=counts[groups].tolist(),
+    )
+
+
+def gather_rows(hidden: torch.Tensor, dispatch: Dispatch, top_k: int) -> torch.Tensor:
+    """[T, D] -> [S, D]: the hidden state of each pair, in dispatch order."""
+    return hidden.index_select(0, dispatch.order // top_k)
+
+
+def combine(expert_out: torch.Tensor, dispatch: Dispatch, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """[S, D] expert outputs in dispatch order -> [T, D] sum over each token's experts, gate-weighted."""
+    tokens, top_k = top_k_weights.shape
+    pairs = torch.empty_like(expert_out)
+    pairs[dispatch.order] = expert_out  # [S, D] back in pair order
+    weighted = pairs.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [T, K, D]
+    return weighted.sum(dim=1)  # [T, D]

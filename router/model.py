@@ -1,0 +1,64 @@
+"""The serving side of a checkpoint: everything but the routed experts, loaded with transformers."""
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+from experts.checkpoint import Checkpoint, CheckpointError
+from experts.layout import experts_modules, load_config
+from router.remote import IMPLEMENTATION
+
+
+def resolve_dtype(config, dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return config.dtype or torch.float32
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
+
+def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.Module:
+    """The model with its routed experts' weights left out; the experts modules are stubs to `module.remote`."""
+    config = load_config(model_dir)
+    dtype = resolve_dtype(config, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for module in experts_modules(model).values():
+        module._parameters.clear()
+        module._is_hf_initialized = True  # nothing to initialise: the weights live on the workers
+    model.to_empty(device="cpu")
+    model.initialize_weights()  # non-persistent buffers (rotary frequencies) are computed, not loaded
+    _load_dense_tensors(model, Checkpoint(model_dir), dtype)
+    model.set_experts_implementation(IMPLEMENTATION)
+    return model.eval().requires_grad_(False)
+
+
+def _load_dense_tensors(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    loaded = set()
+    for name in checkpoint.dense_names():
+        target, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, expected)
+        if target not in expected:
+            continue
+        tensor = checkpoint.read(name)
+        if tensor.shape != expected[target].shape:
+            raise CheckpointError(
+                f"{checkpoint.path / checkpoint.files[name]}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[target].shape)}"
+            )
+        expected[target].copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        loaded.add(target)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    persistent = {name for name in expected if name not in dict(model.named_buffers()) or _is_persistent(model, name)}
+    missing = sorted(persistent - loaded - tied)
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: tensor {missing[0]!r} is missing from the checkpoint")
+    model.tie_weights()
+
+
+def _is_persistent(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf not in model.get_submodule(owner)._non_persistent_buffers_set
