@@ -30,6 +30,7 @@ DEMO_CONFIGS: dict[str, dict] = {
     "olmoe": dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2),
     "deepseek_v3": dict(
         num_hidden_layers=3,
+        num_key_value_heads=4,  # MLA: every head has its own latent-derived key and value
         intermediate_size=128,
         moe_intermediate_size=64,
         n_routed_experts=8,
@@ -45,10 +46,13 @@ DEMO_CONFIGS: dict[str, dict] = {
         v_head_dim=16,
         routed_scaling_factor=2.5,
         rope_interleave=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
     "gpt_oss": dict(
         intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=512,
         layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "rope_theta": 150000.0, "original_max_position_embeddings": 16},
     ),
 }
 ARCHS = tuple(DEMO_CONFIGS)

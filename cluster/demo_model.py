@@ -1,0 +1,84 @@
+"""Small random-weight checkpoints in Hugging Face format, with a real tokenizer, for demos and tests."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from experts.families import ARCHS, demo_config_kwargs
+
+DEFAULT_ARCH = "mixtral"
+# The embedded default model: the 4-layer, 8-expert, top-2, hidden-256 Mixtral the benchmarks use.
+DEFAULT_SHAPE = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+    max_position_embeddings=1024, initializer_range=0.05,
+)
+DEFAULT_VERSION = "v1"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+_CORPUS = """\
+Mixture-of-experts models replace each dense feed-forward layer with many experts and a learned router.
+The router sends every token to a few experts, so only a fraction of the weights work on each token.
+Serving them well means placing experts across machines, batching tokens by expert, and balancing load.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Hello, world! How are you today? I am a small language model with random weights, so I speak nonsense.
+0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' " @ # $ % ^ & _ | ~ `
+"""
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on an embedded corpus: deterministic, and it encodes any text."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def init_model(out_dir: str | Path, arch: str, seed: int = 0, **shape) -> Path:
+    """Write a random-weight `arch` checkpoint (config.json, model.safetensors, tokenizer.json) to `out_dir`."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    tokenizer = build_tokenizer()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    config = CONFIG_MAPPING[arch](**demo_config_kwargs(arch, len(tokenizer), **ids, **shape))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_zero_biases(model)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _randomize_zero_biases(model) -> None:
+    # Routing biases start at zero; random ones make the demo exercise them (DeepSeek's score correction,
+    # GPT-OSS's router and expert biases).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("e_score_correction_bias", "router.bias", "_proj_bias")):
+                param.normal_(0.0, 0.1)
+
+
+def default_model_dir() -> Path:
+    """The embedded default model, made once (deterministically) in the cache directory."""
+    cache = Path(os.environ.get("MOECLUSTER_CACHE", Path.home() / ".cache" / "moecluster"))
+    target = cache / "models" / f"{DEFAULT_ARCH}-default-{DEFAULT_VERSION}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        init_model(staging, DEFAULT_ARCH, seed=0, **DEFAULT_SHAPE)
+        try:
+            staging.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,34 @@
+"""Every error a client can see, and the one place that maps each to its gRPC and HTTP status."""
+
+import grpc
+
+
+class ServingError(Exception):
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+
+class InvalidRequest(ServingError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class Overloaded(ServingError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class ExpertUnavailable(ServingError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+def as_serving_error(error: Exception) -> ServingError:
+    """Errors from below the serving edge, translated; a lost or failing expert worker is UNAVAILABLE."""
+    from router.client import ExpertCallError
+
+    if isinstance(error, ServingError):
+        return error
+    if isinstance(error, ExpertCallError):
+        return ExpertUnavailable(str(error))
+    return ServingError(f"internal error: {type(error).__name__}: {error}")
