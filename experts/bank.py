@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from experts.checkpoint import Checkpoint, CheckpointError
-from experts.layout import experts_modules, load_config, meta_model
+from experts.layout import experts_modules, load_config, meta_model, resolve_dtype
 from experts.vllm_kernel import fused_moe_or_none
 
 
@@ -40,8 +40,8 @@ class _LayerExperts:
 class ExpertBank:
     def __init__(self, model_dir, pairs: list[tuple[int, int]], dtype: torch.dtype | None = None, device="cpu"):
         config = load_config(model_dir)
-        self.dtype = dtype or config.dtype or torch.float32
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(config, dtype, self.device.type)
         self.pairs = sorted(set(pairs))
         templates = experts_modules(meta_model(config))
         checkpoint = Checkpoint(model_dir)

@@ -35,3 +35,11 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
 def moe_shape(model_dir) -> dict[int, int]:
     """{layer: number of routed experts} of a checkpoint's model."""
     return {layer: m.num_experts for layer, m in experts_modules(meta_model(load_config(model_dir))).items()}
+
+
+def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
+    """The compute dtype: the checkpoint's own for "auto", but never float16 on a CPU (it runs ~100x slower there)."""
+    if dtype in (None, "auto"):
+        dtype = config.dtype or torch.float32
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    return torch.float32 if dtype == torch.float16 and device == "cpu" else dtype

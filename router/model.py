@@ -7,14 +7,8 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from experts.checkpoint import Checkpoint, CheckpointError
-from experts.layout import experts_modules, load_config
+from experts.layout import experts_modules, load_config, resolve_dtype
 from router.remote import IMPLEMENTATION
-
-
-def resolve_dtype(config, dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return config.dtype or torch.float32
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
 
 
 def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.Module:

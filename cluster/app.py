@@ -1,0 +1,145 @@
+"""The Ray Serve application: the assembled model behind an OpenAI-compatible HTTP API and a gRPC API."""
+
+import asyncio
+import json
+import logging
+import os
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from transformers import AutoTokenizer
+
+from cluster.config import ServeConfig
+from cluster.demo_model import default_model_dir
+from cluster.engine import Engine, Event, Sequence
+from cluster.errors import ServingError
+from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
+from cluster.placement import expert_owner, plan_placement
+from cluster.requests import parse_generation
+from cluster.workers import start_workers
+from experts.layout import experts_modules
+from protos import inference_pb2
+from router.client import ExpertClient
+from router.model import load_dense_model
+from router.remote import RemoteExperts
+
+log = logging.getLogger(__name__)
+api = FastAPI(title="moecluster")
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_body(request: Request, error: RequestValidationError):
+    return JSONResponse(error_body(f"invalid request body: {error.errors()}", 400), status_code=400)
+
+
+@api.exception_handler(ServingError)
+async def _serving_error(request: Request, error: ServingError):
+    return JSONResponse(error_body(str(error), error.http_status), status_code=error.http_status)
+
+
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class MoEServer:
+    def __init__(self, config: dict | ServeConfig):
+        self.config = ServeConfig.model_validate(config)
+        torch.set_num_threads(self.config.serving_threads or os.cpu_count() or 1)
+        model_dir = self.config.model or str(default_model_dir())
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = load_dense_model(model_dir, self.config.dtype)
+        layers = experts_modules(self.model)
+        self.plan = plan_placement({layer: m.num_experts for layer, m in layers.items()}, self.config.num_workers)
+        self.workers = start_workers(self.config, model_dir, self.plan)
+        self.client = ExpertClient(self.workers.addresses, self.config.expert_timeout_s)
+        owners = expert_owner(self.plan)
+        for layer, module in layers.items():
+            worker_of = torch.tensor([owners[layer, e] for e in range(module.num_experts)])
+            module.remote = RemoteExperts(layer, worker_of, self.client)
+        self.context_len = self.model.config.max_position_embeddings
+        self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
+                             self.config.max_waiting)
+
+    def __del__(self):
+        if hasattr(self, "workers"):
+            self.workers.shutdown()
+
+    def _parse(self, **fields):
+        return parse_generation(
+            **fields, tokenizer=self.tokenizer, vocab_size=self.model.config.vocab_size,
+            context_len=self.context_len, default_max_tokens=self.config.default_max_tokens,
+        )
+
+    async def _events(self, prompt_ids: list[int], params):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        sequence = Sequence(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        self.engine.submit(sequence)
+        try:
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            sequence.cancelled = True  # the client left early: free its batch slot
+
+    # --- gRPC: moecluster.v1.Inference ---
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context=None):
+        try:
+            ids, params = self._parse(
+                prompt=request.prompt, prompt_ids=list(request.prompt_token_ids),
+                max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+                temperature=request.temperature if request.HasField("temperature") else None,
+                top_p=request.top_p if request.HasField("top_p") else None,
+                seed=request.seed if request.HasField("seed") else None, stop=list(request.stop),
+            )
+            async for event in self._events(ids, params):
+                yield inference_pb2.GenerateResponse(
+                    token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason or ""
+                )
+        except ServingError as error:
+            if grpc_context is not None:
+                grpc_context.set_code(error.grpc_code)
+                grpc_context.set_details(str(error))
+            raise
+
+    # --- HTTP: OpenAI-compatible ---
+
+    @api.get("/v1/models")
+    def models(self):
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "owned_by": "moecluster"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        ids, params = self._parse(
+            prompt=body.prompt if isinstance(body.prompt, str) else None,
+            prompt_ids=body.prompt if isinstance(body.prompt, list) else None,
+            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            stop=body.stop_list(),
+        )
+        cid, model = completion_id(), self.config.model_name
+        if body.stream:
+            return StreamingResponse(self._sse(cid, model, ids, params), media_type="text/event-stream")
+        text, tokens, finish = "", [], None
+        async for event in self._events(ids, params):
+            text, tokens, finish = text + event.text, tokens + event.token_ids, event.finish_reason
+        return completion_body(cid, model, text, tokens, finish, prompt_tokens=len(ids))
+
+    async def _sse(self, cid: str, model: str, ids: list[int], params):
+        try:
+            async for event in self._events(ids, params):
+                chunk = completion_body(cid, model, event.text, event.token_ids, event.finish_reason)
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ServingError as error:
+            yield f"data: {json.dumps(error_body(str(error), error.http_status))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def build(args: dict) -> serve.Application:
+    """Application builder for `serve run cluster.app:build` and KubeRay's serveConfigV2 (`args` = ServeConfig)."""
+    return MoEServer.bind(ServeConfig.model_validate(args or {}).model_dump())

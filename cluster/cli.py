@@ -1,0 +1,126 @@
+"""The `moecluster` command line."""
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from experts.families import ARCHS
+
+GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moecluster", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init-model", help="write a small random-weight MoE checkpoint")
+    init.add_argument("dir")
+    init.add_argument("--arch", choices=ARCHS, required=True)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(run=_init_model)
+
+    srv = commands.add_parser("serve", help="serve a checkpoint on a local or existing Ray cluster")
+    srv.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    srv.add_argument("--num-workers", type=int)
+    srv.add_argument("--config", help="serving config file (YAML or JSON); flags override it")
+    srv.add_argument("--http-port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    srv.set_defaults(run=_serve)
+
+    gen = commands.add_parser("generate", help="stream a completion over gRPC")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default="localhost:9000")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--timeout", type=float, default=120.0)
+    gen.set_defaults(run=_generate)
+
+    args = parser.parse_args(argv)
+    return args.run(args) or 0
+
+
+def _init_model(args) -> int:
+    from cluster.demo_model import init_model
+
+    print(init_model(args.dir, args.arch, seed=args.seed))
+    return 0
+
+
+def load_config(path: str | None, **overrides):
+    from cluster.config import ServeConfig
+
+    fields = {}
+    if path:
+        import yaml
+
+        with open(path) as f:
+            fields = yaml.safe_load(f) or {}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig.model_validate(fields)
+
+
+def _serve(args) -> int:
+    import ray
+    from pydantic import ValidationError
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    try:
+        config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers)
+    except ValidationError as error:
+        print(f"invalid serving config:\n{error}", file=sys.stderr)
+        return 2
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + 2))
+    serve.start(
+        http_options={"host": "0.0.0.0", "port": args.http_port},
+        grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
+    from cluster.app import build
+
+    serve.run(build(config.model_dump()), name="moecluster", route_prefix="/")
+    print(f"moecluster is serving {config.model or 'the embedded default model'}")
+    print(f"  HTTP (OpenAI-compatible): http://localhost:{args.http_port}/v1/completions")
+    print(f"  gRPC (moecluster.v1.Inference): localhost:{args.grpc_port}")
+    print(f"  try: moecluster generate 'Hello, world' --target localhost:{args.grpc_port}")
+    print("Ctrl-C stops it.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    print("shutting down")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def _generate(args) -> int:
+    import grpc
+
+    from protos import inference_pb2, inference_pb2_grpc
+
+    request = inference_pb2.GenerateRequest(
+        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(args.target))
+    try:
+        for response in stub.Generate(request, timeout=args.timeout, metadata=[("application", "moecluster")]):
+            print(response.text, end="", flush=True)
+    except grpc.RpcError as error:
+        print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""A generation request, checked once for both APIs; every problem is an InvalidRequest naming the field."""
+
+import math
+
+from cluster.engine import SamplingParams
+from cluster.errors import InvalidRequest
+
+
+def parse_generation(
+    *, prompt: str | None, prompt_ids: list[int] | None, max_tokens: int | None, temperature: float | None,
+    top_p: float | None, seed: int | None, stop: list[str] | None, tokenizer, vocab_size: int, context_len: int,
+    default_max_tokens: int,
+) -> tuple[list[int], SamplingParams]:
+    ids = list(prompt_ids) if prompt_ids else tokenizer.encode(prompt or "", add_special_tokens=False)
+    if not ids:
+        raise InvalidRequest("prompt is empty: send prompt text or prompt_token_ids")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= context_len:
+        raise InvalidRequest(f"prompt has {len(ids)} tokens; the context holds {context_len}, leaving no room to generate")
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    if not 0 < max_tokens <= context_len:
+        raise InvalidRequest(f"max_tokens must be in [1, {context_len}] (the context), got {max_tokens}")
+    temperature = 1.0 if temperature is None else temperature
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
+    top_p = 1.0 if top_p is None else top_p
+    if not 0 < top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+    stop = tuple(s for s in (stop or []) if s)
+    return ids, SamplingParams(max_tokens, temperature, top_p, seed, stop)

@@ -1,0 +1,39 @@
+"""The expert worker as a Ray actor: it loads its own experts, serves them over gRPC, and reports stats."""
+
+import os
+
+import ray
+import torch
+
+from experts.bank import ExpertBank
+from experts import service
+
+
+class ExpertWorker:
+    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, threads: int):
+        torch.set_num_threads(threads)
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
+        self.server, self.servicer, port = service.serve(self.bank)
+        self._address = f"{ray.util.get_node_ip_address()}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def stats(self) -> dict:
+        return {
+            "address": self._address,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "pairs": self.bank.pairs,
+            "weight_bytes": self.bank.nbytes(),
+            "device": str(self.bank.device),
+            "tokens": {f"{layer}:{expert}": n for (layer, expert), n in self.servicer.tokens.items()},
+            "compute_s": self.servicer.compute_s,
+        }
+
+    def health(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self.server.stop(grace=1.0)
