@@ -110,7 +110,7 @@ class Engine:
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
             logits_to_keep=1,
         )
         return out.logits[:, -1].float()  # [B, V]

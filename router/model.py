@@ -17,7 +17,10 @@ def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.
     dtype = resolve_dtype(config, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for module in experts_modules(model).values():
+    layers = experts_modules(model)
+    if not layers:
+        raise CheckpointError(f"{model_dir}: {config.model_type} has no routed experts: not an MoE checkpoint")
+    for module in layers.values():
         module._parameters.clear()
         module._is_hf_initialized = True  # nothing to initialise: the weights live on the workers
     model.to_empty(device="cpu")

@@ -1,0 +1,62 @@
+"""MoE layers served by expert workers over real gRPC, against transformers' own experts block."""
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from experts import service
+from experts.families import ARCHS
+from experts.layout import experts_modules
+from router.client import ExpertCallError, ExpertClient
+from router.model import load_dense_model
+from tests.reference import attach, transformers_model
+
+
+class GrpcWorkers:
+    def __init__(self, banks):
+        self.servers = [service.serve(bank) for bank in banks]
+        self.client = ExpertClient([f"localhost:{port}" for _, _, port in self.servers], timeout_s=30)
+
+    def forward(self, *args):
+        return self.client.forward(*args)
+
+    def stop(self):
+        self.client.close()
+        for server, _, _ in self.servers:
+            server.stop(None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch):
+    full = transformers_model(checkpoints[arch])
+    dense = load_dense_model(checkpoints[arch], "float32")
+    workers = []
+    attach(dense, checkpoints[arch], 2, lambda banks: workers.append(GrpcWorkers(banks)) or workers[0])
+    try:
+        hidden = torch.randn(3, 7, full.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        for layer in experts_modules(dense):
+            ours, theirs = dense.model.layers[layer].mlp, full.model.layers[layer].mlp
+            with torch.no_grad():
+                got, want = ours(hidden), theirs(hidden)
+            got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    finally:
+        workers[0].stop()
+
+
+def test_worker_error_fails_the_call_with_its_status(checkpoints):
+    from experts.bank import ExpertBank
+    from router.dispatch import plan_dispatch
+
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
+    try:
+        dispatch = plan_dispatch(torch.tensor([[1]]), torch.zeros(8, dtype=torch.long))
+        with pytest.raises(ExpertCallError, match="NOT_FOUND") as info:
+            workers.forward(0, dispatch, torch.zeros(1, 64))
+        assert info.value.status == grpc.StatusCode.NOT_FOUND
+        channel = grpc.insecure_channel(workers.client.addresses[0])
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        workers.stop()

@@ -1,0 +1,36 @@
+import pytest
+
+from cluster.demo_model import build_tokenizer
+from cluster.errors import InvalidRequest
+from cluster.requests import parse_generation
+
+TOKENIZER = build_tokenizer()
+
+
+def parse(**fields):
+    base = dict(prompt="hi", prompt_ids=None, max_tokens=None, temperature=None, top_p=None, seed=None, stop=None)
+    return parse_generation(**{**base, **fields}, tokenizer=TOKENIZER, vocab_size=512, context_len=64,
+                            default_max_tokens=16)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt_ids=[1, 512]), "token id 512 is outside the vocabulary"),
+        (dict(prompt_ids=[-1]), "token id -1 is outside"),
+        (dict(max_tokens=0), "max_tokens must be in"),
+        (dict(max_tokens=65), "max_tokens must be in"),
+        (dict(prompt_ids=[5] * 64), "the context holds 64"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+    ],
+)
+def test_bad_input_is_named(fields, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse(**fields)
+
+
+def test_defaults_and_token_ids_win_over_text():
+    ids, params = parse(prompt="ignored", prompt_ids=[3, 4])
+    assert ids == [3, 4] and params.max_tokens == 16 and params.temperature == 1.0 and params.top_p == 1.0
