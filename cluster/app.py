@@ -51,7 +51,8 @@ class MoEServer:
         self.model = load_dense_model(model_dir, self.config.dtype)
         layers = experts_modules(self.model)
         self.plan = plan_placement({layer: m.num_experts for layer, m in layers.items()}, self.config.num_workers)
-        self.workers = start_workers(self.config, model_dir, self.plan)
+        app = serve.get_replica_context().app_name
+        self.workers = start_workers(self.config, model_dir, self.plan, app)
         self.client = ExpertClient(self.workers.addresses, self.config.expert_timeout_s)
         owners = expert_owner(self.plan)
         for layer, module in layers.items():

@@ -12,6 +12,11 @@ GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -39,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.set_defaults(run=_generate)
-
-    args = parser.parse_args(argv)
-    return args.run(args) or 0
+    return parser
 
 
 def _init_model(args) -> int:
@@ -89,7 +92,9 @@ def _serve(args) -> int:
     print(f"moecluster is serving {config.model or 'the embedded default model'}")
     print(f"  HTTP (OpenAI-compatible): http://localhost:{args.http_port}/v1/completions")
     print(f"  gRPC (moecluster.v1.Inference): localhost:{args.grpc_port}")
-    print(f"  try: moecluster generate 'Hello, world' --target localhost:{args.grpc_port}")
+    example = ["Hello, world", "--target", f"localhost:{args.grpc_port}", "--max-tokens", "16"]
+    print(f"example request: moecluster generate {' '.join(repr(a) if ' ' in a else a for a in example)}")
+    _generate(build_parser().parse_args(["generate", *example]))
     print("Ctrl-C stops it.")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

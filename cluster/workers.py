@@ -34,7 +34,14 @@ def _bundle(config: ServeConfig) -> dict:
     return bundle
 
 
-def start_workers(config: ServeConfig, model_dir: str, plan: list[list[tuple[int, int]]]) -> WorkerGroup:
+NAMESPACE = "moecluster"
+
+
+def worker_name(app: str, index: int) -> str:
+    return f"{app}:expert-worker-{index}"
+
+
+def start_workers(config: ServeConfig, model_dir: str, plan: list[list[tuple[int, int]]], app: str) -> WorkerGroup:
     bundle = _bundle(config)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     strategy = "STRICT_SPREAD" if len(nodes) >= len(plan) > 1 else "SPREAD"
@@ -50,7 +57,7 @@ def start_workers(config: ServeConfig, model_dir: str, plan: list[list[tuple[int
     actors = [
         ray.remote(ExpertWorker)
         .options(
-            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+            name=worker_name(app, i), namespace=NAMESPACE, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
         )
         .remote(model_dir, pairs, None if config.dtype == "auto" else config.dtype, threads)

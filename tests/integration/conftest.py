@@ -1,0 +1,68 @@
+"""One local Ray cluster and one Serve instance (HTTP + gRPC ingress) for the whole test session."""
+
+import os
+import socket
+import tempfile
+
+import grpc
+import pytest
+
+from protos import inference_pb2_grpc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_endpoints(ray_cluster):
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from cluster.cli import GRPC_SERVICER
+
+    http_port, grpc_port = _free_port(), _free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
+    yield f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def inference_stub(serve_endpoints):
+    channel = grpc.insecure_channel(serve_endpoints[1])
+    yield inference_pb2_grpc.InferenceStub(channel)
+    channel.close()
+
+
+def deploy(name: str, model_dir, **config):
+    from ray import serve
+
+    from cluster.app import build
+
+    serve.run(build({"model": str(model_dir), "model_name": name, **config}), name=name, route_prefix=f"/{name}")
+
+
+def generate(stub, app: str, timeout: float = 120, **fields):
+    """All GenerateResponse messages of one stream."""
+    from protos import inference_pb2
+
+    return list(stub.Generate(inference_pb2.GenerateRequest(**fields), timeout=timeout, metadata=[("application", app)]))
+
+
+def tokens(responses) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
