@@ -1,25 +1,77 @@
 """The serving config: one schema for the CLI, the Python API and the Helm chart's serveConfigV2."""
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_PAIR = re.compile(r"^(\d+):(\d+)$")
 
 
-class ServeConfig(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class RoutingConfig(_Strict):
+    policy: Literal["model", "hash", "balanced", "kmeans"] = Field(
+        "model", description="Which experts each token goes to: the checkpoint's own gate, a seeded hash of the "
+        "token id, a balanced assignment of gate affinities, or the nearest k-means centroids.",
+    )
+    capacity_factor: float | None = Field(
+        None, gt=0, description="Caps each expert at capacity_factor * tokens * top_k / experts per batch; unset: no cap."
+    )
+    overflow: Literal["reroute", "drop"] = Field(
+        "reroute", description="Tokens over an expert's capacity go to their next-best expert with room, or are dropped."
+    )
+    hash_seed: int = Field(0, description="Seed of the hash policy; the same seed routes the same way everywhere.")
+    centroids: str | None = Field(
+        None, description="k-means centroids file; unset: moecluster-centroids.safetensors beside the checkpoint."
+    )
+
+
+class RebalanceConfig(_Strict):
+    enabled: bool = Field(False, description="Rebalance replicas by load on a timer.")
+    interval_s: float = Field(60.0, gt=0, description="Seconds between automatic rebalances.")
+    window_s: float = Field(60.0, gt=0, description="Sliding window over which tokens per expert are counted.")
+    max_total_replicas: int | None = Field(
+        None, ge=1, description="Budget of expert replicas over all (layer, expert); unset: 1.5x the number of experts."
+    )
+
+
+class ServeConfig(_Strict):
     model: str | None = Field(None, description="Checkpoint directory; unset serves the embedded default model.")
     model_name: str = Field("moecluster-default", description="Model id reported by /v1/models.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute dtype; auto keeps the checkpoint's own (float16 runs as float32 on CPU)."
     )
-    num_workers: int = Field(2, ge=1, description="Expert worker actors; each hosts a share of the experts.")
+    num_workers: int = Field(2, ge=1, description="Expert worker actors; each hosts a share of the expert replicas.")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each expert worker.")
     worker_gpus: float = Field(1.0, ge=0, description="GPUs per expert worker, used only where the cluster has GPUs.")
+    worker_memory_gb: float | None = Field(
+        None, gt=0, description="Expert weight budget per worker; a plan that does not fit is refused at start-up."
+    )
     worker_threads: int | None = Field(None, ge=1, description="Torch threads per worker; unset shares the node's cores.")
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
+    expert_replicas: dict[str, int] = Field(
+        default_factory=dict, description='Replicas of individual experts, as {"layer:expert": count}; others get 1.'
+    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
     expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of each router-to-worker call.")
     startup_timeout_s: float = Field(300.0, gt=0, description="How long workers may take to be placed and load.")
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together in one step.")
     max_waiting: int = Field(1024, ge=1, description="Requests queued for a batch slot before RESOURCE_EXHAUSTED.")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
+
+    @field_validator("expert_replicas")
+    @classmethod
+    def _pairs(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, count in value.items():
+            if not _PAIR.match(key):
+                raise ValueError(f'expert_replicas key {key!r} must be "layer:expert", e.g. "3:7"')
+            if count < 1:
+                raise ValueError(f"expert_replicas[{key!r}] must be at least 1, got {count}")
+        return value
+
+    def replica_counts(self) -> dict[tuple[int, int], int]:
+        return {tuple(map(int, key.split(":"))): n for key, n in self.expert_replicas.items()}
