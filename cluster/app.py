@@ -4,7 +4,10 @@ import asyncio
 import json
 import logging
 import os
+import threading
+import time
 
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,17 +20,17 @@ from cluster.demo_model import default_model_dir
 from cluster.engine import Engine, Event, Sequence
 from cluster.errors import ServingError
 from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
-from cluster.placement import expert_owner, plan_placement
+from cluster.controller import start_controller
 from cluster.requests import parse_generation
-from cluster.workers import start_workers
 from experts.layout import experts_modules
 from protos import inference_pb2
 from router.client import ExpertClient
 from router.model import load_dense_model
-from router.remote import RemoteExperts
+from router.remote import ExpertRouter
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
+REPORT_INTERVAL_S = 0.2
 
 
 @api.exception_handler(RequestValidationError)
@@ -49,22 +52,35 @@ class MoEServer:
         model_dir = self.config.model or str(default_model_dir())
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_dense_model(model_dir, self.config.dtype)
-        layers = experts_modules(self.model)
-        self.plan = plan_placement({layer: m.num_experts for layer, m in layers.items()}, self.config.num_workers)
-        app = serve.get_replica_context().app_name
-        self.workers = start_workers(self.config, model_dir, self.plan, app)
-        self.client = ExpertClient(self.workers.addresses, self.config.expert_timeout_s)
-        owners = expert_owner(self.plan)
-        for layer, module in layers.items():
-            worker_of = torch.tensor([owners[layer, e] for e in range(module.num_experts)])
-            module.remote = RemoteExperts(layer, worker_of, self.client)
+        self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
+        self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()),
+                                   ExpertClient(self.config.expert_timeout_s))
+        self.router.attach(experts_modules(self.model))
         self.context_len = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
                              self.config.max_waiting)
+        self._router_id = serve.get_replica_context().replica_id.unique_id
+        threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
 
-    def __del__(self):
-        if hasattr(self, "workers"):
-            self.workers.shutdown()
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's live config update: new expert replica counts apply without a restart."""
+        ray.get(self.controller.set_replicas.remote(user_config.get("expert_replicas", {})))
+
+    def _report_loop(self) -> None:
+        while True:
+            time.sleep(REPORT_INTERVAL_S)
+            experts, workers = self.router.drain()
+            try:
+                table = ray.get(self.controller.report.remote(self._router_id, self.router.table.version,
+                                                              experts, workers), timeout=10)
+            except Exception:
+                log.exception("expert controller unreachable")
+                continue
+            if table is not None:
+                self.router.update(table)
+
+    def status(self) -> dict:
+        return ray.get(self.controller.status.remote())
 
     def _parse(self, **fields):
         return parse_generation(
@@ -143,4 +159,5 @@ class MoEServer:
 
 def build(args: dict) -> serve.Application:
     """Application builder for `serve run cluster.app:build` and KubeRay's serveConfigV2 (`args` = ServeConfig)."""
-    return MoEServer.bind(ServeConfig.model_validate(args or {}).model_dump())
+    config = ServeConfig.model_validate(args or {})
+    return MoEServer.options(user_config={"expert_replicas": config.expert_replicas}).bind(config.model_dump())

@@ -52,6 +52,7 @@ class ServeConfig(_Strict):
     )
     worker_threads: int | None = Field(None, ge=1, description="Torch threads per worker; unset shares the node's cores.")
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
+    default_replicas: int = Field(1, ge=1, description="Replicas of every expert not listed in expert_replicas.")
     expert_replicas: dict[str, int] = Field(
         default_factory=dict, description='Replicas of individual experts, as {"layer:expert": count}; others get 1.'
     )

@@ -26,9 +26,10 @@ class ExpertUnavailable(ServingError):
 def as_serving_error(error: Exception) -> ServingError:
     """Errors from below the serving edge, translated; a lost or failing expert worker is UNAVAILABLE."""
     from router.client import ExpertCallError
+    from router.replicas import NoReplica
 
     if isinstance(error, ServingError):
         return error
-    if isinstance(error, ExpertCallError):
+    if isinstance(error, (ExpertCallError, NoReplica)):
         return ExpertUnavailable(str(error))
     return ServingError(f"internal error: {type(error).__name__}: {error}")

@@ -1,19 +1,122 @@
-"""Placement plans: which worker hosts which (layer, expert). Pure Python, no Ray."""
+"""Placement and rebalancing plans: which worker hosts which expert replica. Pure Python, no Ray.
+
+A plan is a list, per worker, of the (layer, expert) pairs it hosts; a pair appears at most once per worker.
+"""
+
+import heapq
+import math
+from dataclasses import dataclass
+
+Pair = tuple[int, int]
+Plan = list[list[Pair]]
 
 
-def plan_placement(moe_shape: dict[int, int], num_workers: int) -> list[list[tuple[int, int]]]:
-    """Deal every layer's experts round-robin over the workers, so each layer fans out to all of them.
+class PlanError(ValueError):
+    """The replicas do not fit the workers; the message names the shortfall."""
 
-    moe_shape: {layer: number of routed experts}. Returns, per worker, its (layer, expert) pairs.
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    node: str
+    memory_bytes: float = math.inf
+
+
+def replica_counts(moe_shape: dict[int, int], overrides: dict[Pair, int], default: int = 1) -> dict[Pair, int]:
+    """Every (layer, expert) of the model with its replica count; unknown pairs in `overrides` are refused."""
+    counts = {(layer, e): default for layer, n in moe_shape.items() for e in range(n)}
+    unknown = sorted(set(overrides) - set(counts))
+    if unknown:
+        raise PlanError(f"expert {unknown[0][0]}:{unknown[0][1]} is not a routed expert of this model")
+    counts.update(overrides)
+    return counts
+
+
+def plan_placement(
+    counts: dict[Pair, int], workers: list[WorkerSlot], expert_bytes: float,
+    load: dict[Pair, float] | None = None, previous: Plan | None = None,
+) -> Plan:
+    """Place `counts[pair]` replicas of every pair, each on a different worker (and node, where possible).
+
+    Replicas carry load[pair] / counts[pair] (tokens, or 1 without stats) and go, heaviest first, to the
+    worker with the least load that has memory left. With `previous`, replicas already placed stay put.
     """
-    if num_workers < 1:
-        raise ValueError("num_workers must be at least 1")
-    plan: list[list[tuple[int, int]]] = [[] for _ in range(num_workers)]
-    for layer, experts in sorted(moe_shape.items()):
-        for expert in range(experts):
-            plan[(layer + expert) % num_workers].append((layer, expert))
+    _check_fits(counts, workers, expert_bytes)
+    plan: Plan = [[] for _ in workers]
+    loads = [0.0] * len(workers)
+    share = {p: (load or {}).get(p, 1.0) / n for p, n in counts.items()}
+    todo = dict(counts)
+    for w, pairs in enumerate(previous or []):
+        for pair in pairs:
+            if todo.get(pair, 0) > 0 and w < len(workers):
+                plan[w].append(pair)
+                loads[w] += share[pair]
+                todo[pair] -= 1
+    for pair in sorted(todo, key=lambda p: (-share[p], p)):
+        for _ in range(todo[pair]):
+            w = _best_worker(pair, plan, loads, workers, expert_bytes)
+            plan[w].append(pair)
+            loads[w] += share[pair]
     return plan
 
 
-def expert_owner(plan: list[list[tuple[int, int]]]) -> dict[tuple[int, int], int]:
-    return {pair: worker for worker, pairs in enumerate(plan) for pair in pairs}
+def _check_fits(counts: dict[Pair, int], workers: list[WorkerSlot], expert_bytes: float) -> None:
+    if not workers:
+        raise PlanError("no workers to place experts on")
+    widest = max(counts.values(), default=0)
+    if widest > len(workers):
+        pair = max(counts, key=counts.get)
+        raise PlanError(f"expert {pair[0]}:{pair[1]} wants {widest} replicas but there are only {len(workers)} workers")
+    need = sum(counts.values()) * expert_bytes
+    have = sum(min(w.memory_bytes, 1e30) for w in workers)
+    if need > have:
+        raise PlanError(
+            f"{sum(counts.values())} expert replicas need {need / 2**30:.2f} GiB but the {len(workers)} workers "
+            f"have {have / 2**30:.2f} GiB: short by {(need - have) / 2**30:.2f} GiB"
+        )
+
+
+def _best_worker(pair: Pair, plan: Plan, loads: list[float], workers: list[WorkerSlot], expert_bytes: float) -> int:
+    used_nodes = {workers[w].node for w, pairs in enumerate(plan) if pair in pairs}
+    fits = [
+        w for w in range(len(workers))
+        if pair not in plan[w] and (len(plan[w]) + 1) * expert_bytes <= workers[w].memory_bytes
+    ]
+    if not fits:
+        raise PlanError(f"no worker has room for another replica of expert {pair[0]}:{pair[1]} "
+                        f"({expert_bytes / 2**20:.1f} MiB)")
+    return min(fits, key=lambda w: (workers[w].node in used_nodes, loads[w], len(plan[w]), w))
+
+
+def rebalance_counts(tokens: dict[Pair, float], budget: int, max_per_pair: int) -> dict[Pair, int]:
+    """Replica counts within `budget` total replicas: every pair keeps one, the hottest get the rest.
+
+    In the spirit of DeepSeek's EPLB: each extra replica goes to the pair with the most tokens per replica,
+    up to `max_per_pair` (the number of workers: two replicas of one expert never share a worker).
+    """
+    if budget < len(tokens):
+        raise PlanError(f"a budget of {budget} replicas cannot keep one of each of the {len(tokens)} experts")
+    counts = {pair: 1 for pair in tokens}
+    heap = [(-t, pair) for pair, t in tokens.items() if t > 0 and max_per_pair > 1]
+    heapq.heapify(heap)
+    for _ in range(budget - len(tokens)):
+        if not heap:
+            break
+        _, pair = heapq.heappop(heap)
+        counts[pair] += 1
+        if counts[pair] < max_per_pair:
+            heapq.heappush(heap, (-tokens[pair] / counts[pair], pair))
+    return counts
+
+
+def worker_loads(plan: Plan, counts: dict[Pair, int], tokens: dict[Pair, float]) -> list[float]:
+    """Tokens each worker is expected to serve when every expert splits its tokens evenly over its replicas."""
+    return [sum(tokens.get(p, 0.0) / counts[p] for p in pairs) for pairs in plan]
+
+
+def expert_owner(plan: Plan) -> dict[Pair, list[int]]:
+    """{pair: [workers hosting a replica]}."""
+    owners: dict[Pair, list[int]] = {}
+    for worker, pairs in enumerate(plan):
+        for pair in pairs:
+            owners.setdefault(pair, []).append(worker)
+    return owners

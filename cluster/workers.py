@@ -1,30 +1,105 @@
-"""Expert workers as Ray actors, one placement-group bundle each, on distinct nodes where there are enough."""
+"""Expert worker slots: one placement-group bundle each, on distinct nodes where there are enough.
+
+A slot keeps its bundle for the application's life; when its actor dies (or its node does), a new actor
+takes the bundle, which Ray moves to a live node.
+"""
 
 import os
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
 from experts.worker import ExpertWorker
+
+NAMESPACE = "moecluster"
+HEALTH_TIMEOUT_S = 10.0
 
 
 class PlacementError(RuntimeError):
     pass
 
 
-class WorkerGroup:
-    def __init__(self, actors: list, addresses: list[str], group):
-        self.actors, self.addresses, self._group = actors, addresses, group
+def worker_name(app: str, slot: int) -> str:
+    return f"{app}:expert-worker-{slot}"
 
-    def stats(self) -> list[dict]:
-        return ray.get([a.stats.remote() for a in self.actors])
+
+class WorkerSlots:
+    def __init__(self, config: ServeConfig, model_dir: str, app: str):
+        self.config, self.model_dir, self.app = config, model_dir, app
+        self.bundle = _bundle(config)
+        self.size = config.num_workers
+        self.group = _place(self.bundle, self.size, config.startup_timeout_s)
+        self.actors: dict[int, object] = {}
+        self.addresses: dict[int, str] = {}
+        self.threads = config.worker_threads or max(1, (os.cpu_count() or 1) // self.size)
+
+    def nodes(self) -> list[str]:
+        bundles = placement_group_table(self.group)["bundles_to_node_id"]
+        return [bundles.get(slot, f"pending-{slot}") for slot in range(self.size)]
+
+    def start(self, plan: list[list[tuple[int, int]]]) -> None:
+        self.replace(range(self.size), plan)
+
+    def replace(self, slots, plan: list[list[tuple[int, int]]]) -> None:
+        for slot in slots:
+            self.actors[slot] = self._spawn(slot, plan[slot])
+        refs = {slot: self.actors[slot].address.remote() for slot in slots}
+        for slot, ref in refs.items():
+            self.addresses[slot] = ray.get(ref, timeout=self.config.startup_timeout_s)
+
+    def _spawn(self, slot: int, pairs: list[tuple[int, int]]):
+        dtype = None if self.config.dtype == "auto" else self.config.dtype
+        return (
+            ray.remote(ExpertWorker)
+            .options(
+                name=worker_name(self.app, slot), namespace=NAMESPACE, max_concurrency=4,
+                num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
+            )
+            .remote(self.model_dir, pairs, dtype, self.threads)
+        )
+
+    def call_each(self, method: str, args: list) -> None:
+        """`actor.method(args[slot])` on every live slot with something to do, all at once."""
+        refs = [getattr(self.actors[s], method).remote(a) for s, a in enumerate(args) if a and s in self.actors]
+        ray.get(refs, timeout=self.config.startup_timeout_s)
+
+    def live_addresses(self) -> dict[int, str]:
+        return {slot: self.addresses[slot] for slot in self.actors if slot in self.addresses}
+
+    def dead(self) -> list[int]:
+        refs = {slot: actor.health.remote() for slot, actor in self.actors.items()}
+        dead = []
+        for slot, ref in refs.items():
+            try:
+                ray.get(ref, timeout=HEALTH_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError):
+                dead.append(slot)
+        return dead
+
+    def forget(self, slots) -> None:
+        for slot in slots:
+            actor = self.actors.pop(slot, None)
+            self.addresses.pop(slot, None)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+    def stats(self) -> dict[int, dict]:
+        refs = {slot: actor.stats.remote() for slot, actor in self.actors.items()}
+        out = {}
+        for slot, ref in refs.items():
+            try:
+                out[slot] = {"alive": True, **ray.get(ref, timeout=HEALTH_TIMEOUT_S)}
+            except (RayActorError, GetTimeoutError):
+                out[slot] = {"alive": False}
+        return out
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        remove_placement_group(self._group)
+        self.forget(list(self.actors))
+        remove_placement_group(self.group)
 
 
 def _bundle(config: ServeConfig) -> dict:
@@ -34,34 +109,23 @@ def _bundle(config: ServeConfig) -> dict:
     return bundle
 
 
-NAMESPACE = "moecluster"
-
-
-def worker_name(app: str, index: int) -> str:
-    return f"{app}:expert-worker-{index}"
-
-
-def start_workers(config: ServeConfig, model_dir: str, plan: list[list[tuple[int, int]]], app: str) -> WorkerGroup:
-    bundle = _bundle(config)
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    strategy = "STRICT_SPREAD" if len(nodes) >= len(plan) > 1 else "SPREAD"
-    group = placement_group([bundle] * len(plan), strategy=strategy)
-    ready, _ = ray.wait([group.ready()], timeout=config.startup_timeout_s)
+def _place(bundle: dict, size: int, timeout_s: float):
+    """A placement group of `size` bundles; refused at once when the cluster can never hold it."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    fitting = sum(min(int(r.get(k, 0) // v) for k, v in bundle.items()) for r in nodes)
+    if fitting < size:
+        raise PlacementError(
+            f"the cluster can hold {fitting} expert workers of {bundle} but the plan needs {size}: "
+            f"short by {size - fitting}; add nodes, or lower num_workers, worker_cpus or worker_gpus"
+        )
+    spread = sum(1 for r in nodes if all(r.get(k, 0) >= v for k, v in bundle.items()))
+    strategy = "STRICT_SPREAD" if spread >= size > 1 else "SPREAD"
+    group = placement_group([bundle] * size, strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
         raise PlacementError(
-            f"could not place {len(plan)} expert workers of {bundle} each ({strategy}) within "
-            f"{config.startup_timeout_s:.0f}s; the cluster has {ray.available_resources()} available"
+            f"{size} expert workers of {bundle} ({strategy}) were not placed within {timeout_s:.0f}s: "
+            f"the cluster has {ray.available_resources()} free"
         )
-    threads = config.worker_threads or max(1, (os.cpu_count() or 1) // len(plan))
-    actors = [
-        ray.remote(ExpertWorker)
-        .options(
-            name=worker_name(app, i), namespace=NAMESPACE, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-        )
-        .remote(model_dir, pairs, None if config.dtype == "auto" else config.dtype, threads)
-        for i, pairs in enumerate(plan)
-    ]
-    addresses = ray.get([a.address.remote() for a in actors], timeout=config.startup_timeout_s)
-    return WorkerGroup(actors, addresses, group)
+    return group

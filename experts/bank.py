@@ -1,6 +1,7 @@
 """The (layer, expert) weights one worker hosts, computed with the family's own transformers Experts module."""
 
 import copy
+import threading
 from collections import defaultdict
 
 import torch
@@ -19,8 +20,7 @@ class _LayerExperts:
     """One layer's hosted experts: a transformers Experts module holding only them, and their local ids."""
 
     def __init__(self, module: nn.Module, experts: list[int], num_experts: int, fused_moe=None):
-        self.module = module
-        self.fused_moe = fused_moe
+        self.module, self.experts, self.fused_moe = module, experts, fused_moe
         self.local_id = torch.full((num_experts,), -1, dtype=torch.long)
         self.local_id[experts] = torch.arange(len(experts))
 
@@ -31,46 +31,78 @@ class _LayerExperts:
             missing = [e for e, i in zip(experts, local.tolist()) if i < 0]
             raise ExpertNotHosted(f"experts {missing} are not hosted here")
         ids = local.repeat_interleave(torch.tensor(counts))[:, None]  # [N, 1]
-        ones = torch.ones(ids.shape, dtype=hidden.dtype)  # [N, 1]: the router applies the gate weights
+        ones = torch.ones(ids.shape, dtype=hidden.dtype, device=hidden.device)  # [N, 1]: the router weighs
         if self.fused_moe is not None:
-            return self.fused_moe(hidden, self.module.gate_up_proj, self.module.down_proj, ones, ids)
-        return self.module(hidden, ids, ones)  # [N, D]
+            return self.fused_moe(hidden, self.module.gate_up_proj, self.module.down_proj, ones, ids.to(hidden.device))
+        return self.module(hidden, ids.to(hidden.device), ones)  # [N, D]
+
+    def weights_of(self, expert: int) -> dict[str, torch.Tensor]:
+        i = int(self.local_id[expert])
+        return {name: p[i] for name, p in self.module.named_parameters(recurse=False)}
 
 
 class ExpertBank:
+    """A worker's experts. `add` and `remove` swap a layer's module whole, so a forward in flight is never torn."""
+
     def __init__(self, model_dir, pairs: list[tuple[int, int]], dtype: torch.dtype | None = None, device="cpu"):
         config = load_config(model_dir)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config, dtype, self.device.type)
-        self.pairs = sorted(set(pairs))
-        templates = experts_modules(meta_model(config))
-        checkpoint = Checkpoint(model_dir)
-        by_layer = defaultdict(list)
-        for layer, expert in self.pairs:
-            if layer not in templates or not 0 <= expert < templates[layer].num_experts:
-                raise CheckpointError(f"{model_dir}: the model has no routed expert ({layer}, {expert})")
-            by_layer[layer].append(expert)
-        self.layers = {}
-        for layer, experts in by_layer.items():
-            module = self._load(checkpoint, templates[layer], layer, experts)
-            kernel = fused_moe_or_none(module, self.device)
-            self.layers[layer] = _LayerExperts(module, experts, templates[layer].num_experts, kernel)
+        self.templates = experts_modules(meta_model(config))
+        self.checkpoint = Checkpoint(model_dir)
+        self.layers: dict[int, _LayerExperts] = {}
+        self._lock = threading.Lock()
+        self.add(pairs)
 
-    def _load(self, checkpoint: Checkpoint, template: nn.Module, layer: int, experts: list[int]) -> nn.Module:
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return sorted((layer, e) for layer, hosted in self.layers.items() for e in hosted.experts)
+
+    def add(self, pairs: list[tuple[int, int]]) -> None:
+        self._check(pairs)
+        self._rebuild(set(self.pairs) | set(map(tuple, pairs)))
+
+    def remove(self, pairs: list[tuple[int, int]]) -> None:
+        self._rebuild(set(self.pairs) - set(map(tuple, pairs)))
+
+    def _check(self, pairs) -> None:
+        for layer, expert in pairs:
+            if layer not in self.templates or not 0 <= expert < self.templates[layer].num_experts:
+                raise CheckpointError(f"{self.checkpoint.path}: the model has no routed expert ({layer}, {expert})")
+
+    def _rebuild(self, pairs: set[tuple[int, int]]) -> None:
+        with self._lock:
+            by_layer = defaultdict(list)
+            for layer, expert in sorted(pairs):
+                by_layer[layer].append(expert)
+            layers = {}
+            for layer, experts in by_layer.items():
+                if layer in self.layers and self.layers[layer].experts == experts:
+                    layers[layer] = self.layers[layer]
+                    continue
+                module = self._build(layer, experts)
+                layers[layer] = _LayerExperts(module, experts, self.templates[layer].num_experts,
+                                              fused_moe_or_none(module, self.device))
+            self.layers = layers
+
+    def _build(self, layer: int, experts: list[int]) -> nn.Module:
+        template = self.templates[layer]
         module = copy.copy(template)  # shares nothing mutable but the config, replaced below
         module._parameters = dict(template._parameters)
         module.config = copy.copy(template.config)
         module.config._experts_implementation = "grouped_mm"
         module.num_experts = len(experts)
+        old = self.layers.get(layer)
         for name, param in template.named_parameters(recurse=False):
             data = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.device)
             for i, expert in enumerate(experts):
-                data[i] = self._read(checkpoint, module, name, layer, expert)
+                kept = old is not None and expert in old.experts
+                data[i] = old.weights_of(expert)[name] if kept else self._read(module, name, layer, expert)
             setattr(module, name, nn.Parameter(data, requires_grad=False))
         return module
 
-    @staticmethod
-    def _read(checkpoint: Checkpoint, module: nn.Module, param: str, layer: int, expert: int) -> torch.Tensor:
+    def _read(self, module: nn.Module, param: str, layer: int, expert: int) -> torch.Tensor:
+        checkpoint = self.checkpoint
         fused = checkpoint.fused_names.get(layer)
         if fused:
             if param not in fused:
@@ -89,10 +121,10 @@ class ExpertBank:
 
     @torch.inference_mode()
     def forward(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
-        if layer not in self.layers:
+        hosted = self.layers.get(layer)
+        if hosted is None:
             raise ExpertNotHosted(f"layer {layer} has no experts hosted here")
-        hidden = hidden.to(self.device, self.dtype)
-        return self.layers[layer].forward(experts, counts, hidden)
+        return hosted.forward(experts, counts, hidden.to(self.device, self.dtype)).cpu()
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for l in self.layers.values() for p in l.module.parameters())
+        return sum(p.numel() * p.element_size() for h in self.layers.values() for p in h.module.parameters())

@@ -43,3 +43,11 @@ def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype | None, dev
         dtype = config.dtype or torch.float32
     dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     return torch.float32 if dtype == torch.float16 and device == "cpu" else dtype
+
+
+def expert_nbytes(model_dir, dtype: str | torch.dtype | None = "auto") -> int:
+    """Bytes of one routed expert's weights (the largest layer's), as a worker holds them."""
+    config = load_config(model_dir)
+    itemsize = resolve_dtype(config, dtype).itemsize
+    layers = experts_modules(meta_model(config)).values()
+    return max(sum(p.numel() for p in m.parameters()) // m.num_experts for m in layers) * itemsize

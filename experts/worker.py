@@ -17,6 +17,12 @@ class ExpertWorker:
         self.server, self.servicer, port = service.serve(self.bank)
         self._address = f"{ray.util.get_node_ip_address()}:{port}"
 
+    def load(self, pairs: list[tuple[int, int]]) -> None:
+        self.bank.add(pairs)
+
+    def unload(self, pairs: list[tuple[int, int]]) -> None:
+        self.bank.remove(pairs)
+
     def address(self) -> str:
         return self._address
 

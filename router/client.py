@@ -1,5 +1,8 @@
 """The router's gRPC edge: one call per worker per MoE layer, all in flight at once, each with a deadline."""
 
+import threading
+from collections import Counter
+
 import grpc
 import torch
 
@@ -8,24 +11,37 @@ from protos.tensor import from_proto, to_proto
 from router.dispatch import Dispatch
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# A replica that is gone, or no longer hosts the expert, is worth retrying elsewhere; other errors are not.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class ExpertCallError(RuntimeError):
     """A worker failed or missed its deadline; `status` is its gRPC status code."""
 
-    def __init__(self, address: str, layer: int, experts: list[int], status: grpc.StatusCode, details: str):
+    def __init__(self, worker: int, address: str, layer: int, experts: list[int], status, details: str):
         super().__init__(f"expert worker {address} failed layer {layer} experts {experts}: {status.name}: {details}")
-        self.address, self.layer, self.experts, self.status = address, layer, experts, status
+        self.worker, self.address, self.layer, self.experts, self.status = worker, address, layer, experts, status
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE
 
 
 class ExpertClient:
-    def __init__(self, addresses: list[str], timeout_s: float):
-        self.addresses = list(addresses)
+    def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
-        self._stubs = [expert_pb2_grpc.ExpertStub(c) for c in self._channels]
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
+        self._outstanding: Counter[int] = Counter()
+        self._lock = threading.Lock()
 
-    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor) -> torch.Tensor:
+    def outstanding(self) -> dict[int, int]:
+        """Rows in flight per worker, from every thread using this client."""
+        with self._lock:
+            return dict(self._outstanding)
+
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]) -> torch.Tensor:
         """[S, D] rows in dispatch order -> [S, D] unweighted expert outputs, same order."""
         calls, start = [], 0
         for worker, experts, counts in dispatch.per_worker():
@@ -33,16 +49,33 @@ class ExpertClient:
             request = expert_pb2.ExpertForwardRequest(
                 layer=layer, experts=experts, counts=counts, hidden=to_proto(rows[start:end])
             )
-            calls.append((worker, experts, self._stubs[worker].Forward.future(request, timeout=self.timeout_s)))
+            future = self._stub(addresses[worker]).Forward.future(request, timeout=self.timeout_s)
+            calls.append((worker, addresses[worker], experts, end - start, future))
             start = end
-        return torch.cat([self._result(layer, *call) for call in calls]).to(rows.dtype)
+        self._track(calls, +1)
+        try:
+            return torch.cat([self._result(layer, *call) for call in calls]).to(rows.dtype)
+        finally:
+            self._track(calls, -1)
 
-    def _result(self, layer: int, worker: int, experts: list[int], future) -> torch.Tensor:
+    def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
+        if address not in self._stubs:
+            self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
+        return self._stubs[address]
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+    def _track(self, calls, sign: int) -> None:
+        with self._lock:
+            for worker, _, _, n, _ in calls:
+                self._outstanding[worker] += sign * n
+
+    @staticmethod
+    def _result(layer: int, worker: int, address: str, experts: list[int], _: int, future) -> torch.Tensor:
         try:
             return from_proto(future.result().hidden)
         except grpc.RpcError as error:
-            raise ExpertCallError(self.addresses[worker], layer, experts, error.code(), error.details()) from None
-
-    def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+            raise ExpertCallError(worker, address, layer, experts, error.code(), error.details()) from None

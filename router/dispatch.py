@@ -26,16 +26,15 @@ class Dispatch:
         return out
 
 
-def plan_dispatch(top_k_index: torch.Tensor, expert_worker: torch.Tensor) -> Dispatch:
+def plan_dispatch(top_k_index: torch.Tensor, pair_worker: torch.Tensor, num_experts: int) -> Dispatch:
     """Sort a layer's token-expert pairs so each worker gets one contiguous block, grouped by expert.
 
-    top_k_index: [T, K] expert ids; expert_worker: [E] the worker that serves each expert in this call.
+    top_k_index: [T, K] expert ids; pair_worker: [T, K] the worker that serves each pair in this call.
     """
-    num_experts = expert_worker.numel()
     flat = top_k_index.reshape(-1)  # [S]
-    key = expert_worker[flat] * num_experts + flat  # [S]
+    key = pair_worker.reshape(-1) * num_experts + flat  # [S]
     order = torch.argsort(key, stable=True)  # [S]
-    counts = torch.bincount(key, minlength=int(expert_worker.max()) * num_experts + num_experts)  # [W * E]
+    counts = torch.bincount(key)  # [W * E]
     groups = counts.nonzero().squeeze(1)  # [G]
     return Dispatch(
         order=order,

@@ -2,29 +2,84 @@
 
 Every family decorated with `@use_experts_implementation` calls the registered function with
 (hidden_states, top_k_index, top_k_weights) after its own gate, so the model's routing stays transformers'.
+T = tokens, K = experts per token, E = experts, D = hidden
 """
+
+import functools
+import itertools
+import threading
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from router.client import ExpertCallError
 from router.dispatch import combine, gather_rows, plan_dispatch
+from router.replicas import NoReplica, assign_workers
+from router.table import RoutingTable
 
 IMPLEMENTATION = "moecluster"
 
 
-class RemoteExperts:
-    """One MoE layer's routed experts, served by workers through `client`."""
+class ExpertRouter:
+    """Sends each MoE layer's pairs to live replicas; a failed replica's share is retried on the others."""
 
-    def __init__(self, layer: int, expert_worker: torch.Tensor, client):
-        self.layer = layer
-        self.expert_worker = expert_worker  # [E] worker index serving each expert
-        self.client = client
+    def __init__(self, table: RoutingTable, client):
+        self.table, self.client = table, client
+        self._suspect: set[int] = set()
+        self._turns = itertools.count()
+        self._last_failure = ""
+        self._stats_lock = threading.Lock()
+        self.expert_tokens: dict[int, torch.Tensor] = {}  # layer -> [E] pairs routed since the last `drain`
+        self.worker_rows: dict[int, int] = {}
 
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        dispatch = plan_dispatch(top_k_index, self.expert_worker)
-        rows = gather_rows(hidden, dispatch, top_k_index.shape[-1])
-        out = self.client.forward(self.layer, dispatch, rows)
-        return combine(out, dispatch, top_k_weights).to(hidden.dtype)
+    def update(self, table: RoutingTable) -> None:
+        if table.version != self.table.version:
+            self.table, self._suspect = table, set()
+
+    def attach(self, experts_modules: dict) -> None:
+        for layer, module in experts_modules.items():
+            module.remote = functools.partial(self.forward, layer)
+
+    def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        self._count(layer, top_k_index)
+        while True:
+            table = self.table
+            live = [[w for w in hosts if w not in self._suspect] for hosts in table.replicas[layer]]
+            try:
+                pair_worker = assign_workers(layer, top_k_index, live, self.client.outstanding(), next(self._turns))
+            except NoReplica as error:
+                error.args = (f"{error.args[0]}{self._last_failure}",)
+                raise
+            dispatch = plan_dispatch(top_k_index, pair_worker, len(live))
+            try:
+                out = self.client.forward(layer, dispatch, gather_rows(hidden, dispatch, top_k_index.shape[-1]),
+                                          table.addresses)
+            except ExpertCallError as error:
+                if not error.retryable:
+                    raise
+                self._suspect.add(error.worker)
+                self._last_failure = f" (last replica failed: {error})"
+                continue
+            self._count_workers(dispatch)
+            return combine(out, dispatch, top_k_weights).to(hidden.dtype)
+
+    def _count(self, layer: int, top_k_index: torch.Tensor) -> None:
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self.table.replicas[layer]))
+        with self._stats_lock:
+            self.expert_tokens[layer] = self.expert_tokens.get(layer, 0) + counts
+
+    def _count_workers(self, dispatch) -> None:
+        with self._stats_lock:
+            for worker, count in zip(dispatch.workers, dispatch.counts):
+                self.worker_rows[worker] = self.worker_rows.get(worker, 0) + count
+
+    def drain(self) -> tuple[dict[str, int], dict[int, int]]:
+        """Tokens per "layer:expert" and rows per worker since the last drain, as plain data for reports."""
+        with self._stats_lock:
+            experts, self.expert_tokens = self.expert_tokens, {}
+            workers, self.worker_rows = self.worker_rows, {}
+        counts = {f"{layer}:{e}": n for layer, t in experts.items() for e, n in enumerate(t.tolist()) if n}
+        return counts, workers
 
 
 def _remote_experts_forward(module, hidden_states, top_k_index, top_k_weights):

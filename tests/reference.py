@@ -3,10 +3,11 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from cluster.placement import expert_owner, plan_placement
+from cluster.placement import WorkerSlot, plan_placement, replica_counts
 from experts.bank import ExpertBank
 from experts.layout import experts_modules
-from router.remote import RemoteExperts
+from router.remote import ExpertRouter
+from router.table import RoutingTable
 
 
 def transformers_model(path):
@@ -25,7 +26,10 @@ class InProcessClient:
     def __init__(self, banks):
         self.banks = banks
 
-    def forward(self, layer, dispatch, rows):
+    def outstanding(self):
+        return {}
+
+    def forward(self, layer, dispatch, rows, addresses):
         outs, start = [], 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
@@ -34,13 +38,14 @@ class InProcessClient:
         return torch.cat(outs)
 
 
-def attach(model, path, num_workers: int, client_factory) -> list[ExpertBank]:
+def attach(model, path, num_workers: int, client_factory, replicas: int = 1) -> ExpertRouter:
     """Place the model's experts on `num_workers` banks and route its experts modules to them."""
     layers = experts_modules(model)
-    plan = plan_placement({layer: m.num_experts for layer, m in layers.items()}, num_workers)
-    banks = [ExpertBank(path, pairs) for pairs in plan]
-    client = client_factory(banks)
-    owners = expert_owner(plan)
-    for layer, module in layers.items():
-        module.remote = RemoteExperts(layer, torch.tensor([owners[layer, e] for e in range(module.num_experts)]), client)
-    return banks
+    shape = {layer: m.num_experts for layer, m in layers.items()}
+    slots = [WorkerSlot(node=f"node-{i}") for i in range(num_workers)]
+    plan = plan_placement(replica_counts(shape, {}, replicas), slots, expert_bytes=1)
+    client = client_factory([ExpertBank(path, pairs) for pairs in plan])
+    addresses = getattr(client, "addresses", {w: f"bank-{w}" for w in range(num_workers)})
+    router = ExpertRouter(RoutingTable.from_plan(0, plan, addresses, shape), client)
+    router.attach(layers)
+    return router

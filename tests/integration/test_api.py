@@ -107,3 +107,13 @@ def test_lost_expert_worker_fails_requests_with_unavailable(app, inference_stub)
     with pytest.raises(grpc.RpcError) as info:
         generate(inference_stub, APP, prompt="Hello", max_tokens=4, timeout=60)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "expert worker" in info.value.details()
+    assert "has no live replica" in info.value.details()
+
+    deadline = time.monotonic() + 120  # the controller replaces the worker, and serving recovers
+    while True:
+        try:
+            assert tokens(generate(inference_stub, APP, prompt="Hello", max_tokens=4, timeout=60))
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "serving did not recover after the worker was replaced"
+            time.sleep(1)

@@ -16,7 +16,11 @@ from tests.reference import attach, transformers_model
 class GrpcWorkers:
     def __init__(self, banks):
         self.servers = [service.serve(bank) for bank in banks]
-        self.client = ExpertClient([f"localhost:{port}" for _, _, port in self.servers], timeout_s=30)
+        self.addresses = {w: f"localhost:{port}" for w, (_, _, port) in enumerate(self.servers)}
+        self.client = ExpertClient(timeout_s=30)
+
+    def outstanding(self):
+        return self.client.outstanding()
 
     def forward(self, *args):
         return self.client.forward(*args)
@@ -51,11 +55,11 @@ def test_worker_error_fails_the_call_with_its_status(checkpoints):
 
     workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
     try:
-        dispatch = plan_dispatch(torch.tensor([[1]]), torch.zeros(8, dtype=torch.long))
+        dispatch = plan_dispatch(torch.tensor([[1]]), torch.tensor([[0]]), 8)
         with pytest.raises(ExpertCallError, match="NOT_FOUND") as info:
-            workers.forward(0, dispatch, torch.zeros(1, 64))
+            workers.forward(0, dispatch, torch.zeros(1, 64), workers.addresses)
         assert info.value.status == grpc.StatusCode.NOT_FOUND
-        channel = grpc.insecure_channel(workers.client.addresses[0])
+        channel = grpc.insecure_channel(workers.addresses[0])
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:

@@ -21,7 +21,7 @@ def test_dispatch_then_combine_equals_per_token_loop():
     scale = torch.arange(1, experts + 1, dtype=torch.float32)
     expert_worker = torch.tensor([0, 1, 2, 0, 1, 2])
 
-    dispatch = plan_dispatch(top_k_index, expert_worker)
+    dispatch = plan_dispatch(top_k_index, expert_worker[top_k_index], experts)
     rows = gather_rows(hidden, dispatch, top_k)
     row_expert = torch.repeat_interleave(torch.tensor(dispatch.experts), torch.tensor(dispatch.counts))
     out = combine(rows * scale[row_expert, None], dispatch, top_k_weights)
@@ -32,7 +32,7 @@ def test_dispatch_then_combine_equals_per_token_loop():
 
 def test_each_worker_gets_one_contiguous_block_grouped_by_expert():
     top_k_index = torch.tensor([[3, 0], [1, 3], [2, 0]])
-    dispatch = plan_dispatch(top_k_index, torch.tensor([1, 0, 1, 0]))
+    dispatch = plan_dispatch(top_k_index, torch.tensor([1, 0, 1, 0])[top_k_index], 4)
     assert dispatch.per_worker() == [(0, [1, 3], [1, 2]), (1, [0, 2], [2, 1])]
     assert sum(dispatch.counts) == top_k_index.numel()
     assert sorted(dispatch.order.tolist()) == list(range(6))

@@ -1,18 +1,74 @@
+"""Placement and rebalancing plans on their own: no Ray."""
+
 import pytest
 
-from cluster.placement import expert_owner, plan_placement
+from cluster.placement import (PlanError, WorkerSlot, expert_owner, plan_placement, rebalance_counts,
+                               replica_counts, worker_loads)
+
+SHAPE = {1: 8, 2: 8, 3: 8}
+MIB = 2**20
+
+
+def slots(n, nodes=None, memory=float("inf")):
+    return [WorkerSlot(node=f"n{i % (nodes or n)}", memory_bytes=memory) for i in range(n)]
+
+
+def check_plan(plan, counts, workers, expert_bytes):
+    owners = expert_owner(plan)
+    assert {p: len(w) for p, w in owners.items()} == counts  # every expert, its exact replica count
+    assert all(len(set(pairs)) == len(pairs) for pairs in plan)  # no two replicas of one expert on a worker
+    assert all(len(pairs) * expert_bytes <= w.memory_bytes for pairs, w in zip(plan, workers))
+    return owners
 
 
 def test_every_expert_placed_once_and_layers_spread_over_workers():
-    shape = {1: 8, 2: 8, 3: 8}
-    plan = plan_placement(shape, 3)
-    owners = expert_owner(plan)
-    assert sorted(owners) == [(layer, e) for layer in shape for e in range(8)]
-    for layer in shape:
-        assert {owners[layer, e] for e in range(8)} == {0, 1, 2}
+    counts = replica_counts(SHAPE, {})
+    plan = plan_placement(counts, slots(3), expert_bytes=MIB)
+    check_plan(plan, counts, slots(3), MIB)
     assert max(map(len, plan)) - min(map(len, plan)) <= 1
 
 
-def test_zero_workers_is_refused():
-    with pytest.raises(ValueError, match="at least 1"):
-        plan_placement({0: 4}, 0)
+def test_replicas_of_one_expert_go_to_different_nodes_where_possible():
+    counts = replica_counts(SHAPE, {(1, 0): 3, (2, 5): 2})
+    workers = slots(6, nodes=3)  # two workers per node
+    owners = check_plan(plan_placement(counts, workers, MIB), counts, workers, MIB)
+    assert len({workers[w].node for w in owners[1, 0]}) == 3
+    assert len({workers[w].node for w in owners[2, 5]}) == 2
+
+
+def test_memory_budget_is_respected_and_a_shortfall_is_named():
+    counts = replica_counts(SHAPE, {}, default=2)  # 48 replicas
+    workers = slots(4, memory=12 * MIB)
+    check_plan(plan_placement(counts, workers, MIB), counts, workers, MIB)
+    with pytest.raises(PlanError, match=r"need 0.05 GiB .* short by"):
+        plan_placement(counts, slots(4, memory=11 * MIB), MIB)
+    with pytest.raises(PlanError, match="wants 5 replicas but there are only 4 workers"):
+        plan_placement(replica_counts(SHAPE, {(1, 1): 5}), slots(4), MIB)
+
+
+def test_unknown_expert_and_previous_placement_is_kept():
+    with pytest.raises(PlanError, match="9:0 is not a routed expert"):
+        replica_counts(SHAPE, {(9, 0): 2})
+    before = plan_placement(replica_counts(SHAPE, {}), slots(3), MIB)
+    after = plan_placement(replica_counts(SHAPE, {(2, 3): 3}), slots(3), MIB, previous=before)
+    assert all(set(b) <= set(a) for b, a in zip(before, after))
+    assert sum(map(len, after)) == sum(map(len, before)) + 2
+
+
+def test_rebalance_gives_hot_experts_replicas_and_lowers_worker_max_over_mean():
+    tokens = {p: 1.0 for p in replica_counts(SHAPE, {})}
+    tokens[1, 0], tokens[1, 1] = 400.0, 200.0
+    counts = rebalance_counts(tokens, budget=30, max_per_pair=4)
+    assert all(n >= 1 for n in counts.values()) and sum(counts.values()) <= 30
+    assert counts[1, 0] == 4 and counts[1, 1] >= 2
+    workers = slots(4)
+    before = worker_loads(plan_placement(replica_counts(SHAPE, {}), workers, MIB), replica_counts(SHAPE, {}), tokens)
+    plan = plan_placement(counts, workers, MIB, load=tokens)
+    check_plan(plan, counts, workers, MIB)
+    after = worker_loads(plan, counts, tokens)
+    assert max(after) / (sum(after) / 4) < max(before) / (sum(before) / 4)
+
+
+def test_rebalance_budget_below_one_each_is_refused():
+    with pytest.raises(PlanError, match="cannot keep one of each"):
+        rebalance_counts({(0, 0): 1.0, (0, 1): 1.0}, budget=1, max_per_pair=2)

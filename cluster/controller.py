@@ -1,0 +1,192 @@
+"""The expert controller: one Ray actor per application that owns the expert workers, the placement plan and
+the routing table. It scales replicas, rebalances them by load, and replaces workers that die.
+
+Changes follow one order, so no request in flight fails or stalls: load the new replicas, publish the new
+routing table and wait for the routers to take it, then retire the old replicas.
+"""
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+
+import ray
+
+from cluster.config import ServeConfig
+from cluster.load_window import TokenWindow
+from cluster.placement import (Plan, PlanError, WorkerSlot, plan_placement, rebalance_counts, replica_counts,
+                               worker_loads)
+from cluster.workers import WorkerSlots
+from experts.layout import expert_nbytes, moe_shape
+from router.table import RoutingTable
+
+log = logging.getLogger(__name__)
+ROUTER_TTL_S = 5.0
+
+
+class ExpertController:
+    def __init__(self, config: dict, model_dir: str, app: str):
+        self.config = ServeConfig.model_validate(config)
+        self.model_dir, self.app = model_dir, app
+        self.shape = moe_shape(model_dir)
+        self.expert_bytes = expert_nbytes(model_dir, self.config.dtype)
+        self.counts = replica_counts(self.shape, self.config.replica_counts(), self.config.default_replicas)
+        self.slots = WorkerSlots(self.config, model_dir, app)
+        self.plan: Plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes)
+        self.slots.start(self.plan)
+        self.version = 0
+        self.table = self._table()
+        self.window = TokenWindow(self.config.rebalance.window_s)
+        self.worker_rows: Counter = Counter()  # rows per worker since the plan last changed
+        self.routers: dict[str, tuple[int, float]] = {}  # router id -> (table version, last report time)
+        self._lock = threading.RLock()
+        threading.Thread(target=self._watch, name="controller-watch", daemon=True).start()
+
+    # --- routers ---
+
+    def routing_table(self) -> RoutingTable:
+        return self.table
+
+    def report(self, router: str, version: int, expert_tokens: dict[str, int], worker_rows: dict[int, int]):
+        """A router's periodic check-in: its load counts in, a newer routing table out (or None)."""
+        self.routers[router] = (version, time.monotonic())
+        self.window.add(expert_tokens)
+        self.worker_rows.update(worker_rows)
+        return self.table if self.table.version != version else None
+
+    # --- operators ---
+
+    def scale(self, changes: dict[str, int]) -> dict:
+        """Set replica counts of some experts ({"layer:expert": n}); the others keep theirs."""
+        with self._lock:
+            counts = {**self.counts, **_pairs(changes)}
+            return self._replan(replica_counts(self.shape, counts), previous=self.plan)
+
+    def set_replicas(self, overrides: dict[str, int]) -> dict:
+        """The serving config's view: listed experts get their count, all others the default."""
+        with self._lock:
+            counts = replica_counts(self.shape, _pairs(overrides), self.config.default_replicas)
+            if counts == self.counts:
+                return self.status()
+            return self._replan(counts, previous=self.plan)
+
+    def rebalance(self) -> dict:
+        """Turn the window's tokens per expert into replica counts and a placement, and apply them."""
+        with self._lock:
+            tokens = {pair: float(self.window.totals().get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
+            counts = rebalance_counts(tokens, self._replica_budget(), len(self.plan))
+            return self._replan(counts, load=tokens)
+
+    def status(self) -> dict:
+        return self._status()
+
+    # --- internals ---
+
+    def _replan(self, counts, load=None, previous=None) -> dict:
+        plan = plan_placement(counts, self._worker_slots(), self.expert_bytes, load=load, previous=previous)
+        adds = [sorted(set(new) - set(old)) for new, old in zip(plan, self.plan)]
+        removes = [sorted(set(old) - set(new)) for new, old in zip(plan, self.plan)]
+        self.slots.call_each("load", adds)
+        self.plan, self.counts = plan, counts
+        self._publish()
+        self.slots.call_each("unload", removes)
+        return self._status()
+
+    def _publish(self) -> None:
+        self.version += 1
+        self.table = self._table()
+        self.worker_rows = Counter()
+        deadline = time.monotonic() + 2 * ROUTER_TTL_S
+        while time.monotonic() < deadline and any(v < self.version for v in self._live_routers().values()):
+            time.sleep(0.05)
+
+    def _live_routers(self) -> dict[str, int]:
+        now = time.monotonic()
+        return {r: v for r, (v, seen) in self.routers.items() if now - seen < ROUTER_TTL_S}
+
+    def _table(self) -> RoutingTable:
+        return RoutingTable.from_plan(self.version, self.plan, self.slots.live_addresses(), self.shape)
+
+    def _worker_slots(self) -> list[WorkerSlot]:
+        memory = self.config.worker_memory_gb * 2**30 if self.config.worker_memory_gb else math.inf
+        return [WorkerSlot(node=node, memory_bytes=memory) for node in self.slots.nodes()]
+
+    def _replica_budget(self) -> int:
+        budget = self.config.rebalance.max_total_replicas or math.ceil(1.5 * len(self.counts))
+        if self.config.worker_memory_gb:
+            budget = min(budget, int(len(self.plan) * self.config.worker_memory_gb * 2**30 // self.expert_bytes))
+        return budget
+
+    def _watch(self) -> None:
+        last_rebalance = time.monotonic()
+        while True:
+            time.sleep(1.0)
+            try:
+                self._heal()
+                cfg = self.config.rebalance
+                if cfg.enabled and time.monotonic() - last_rebalance >= cfg.interval_s:
+                    last_rebalance = time.monotonic()
+                    self.rebalance()
+            except Exception:
+                log.exception("controller watch step failed")
+
+    def _heal(self) -> None:
+        dead = self.slots.dead()
+        if not dead:
+            return
+        with self._lock:
+            log.warning("expert workers %s are gone; routing around them and replacing them", dead)
+            self.slots.forget(dead)
+            self._publish()  # routers stop sending to the dead workers at once
+            self.slots.replace(dead, self.plan)
+            self._publish()
+
+    def _status(self) -> dict:
+        tokens = self.window.totals()
+        stats = self.slots.stats()
+        per_pair = {pair: float(tokens.get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
+        return {
+            "app": self.app,
+            "version": self.version,
+            "routing_policy": self.config.routing.policy,
+            "nodes": [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"]}
+                      for n in ray.nodes()],
+            "workers": [
+                {"worker": w, **stats.get(w, {"alive": False}), "replicas": [f"{l}:{e}" for l, e in pairs],
+                 "tokens_since_plan": self.worker_rows.get(w, 0)}
+                for w, pairs in enumerate(self.plan)
+            ],
+            "replica_counts": {f"{l}:{e}": n for (l, e), n in sorted(self.counts.items())},
+            "tokens_per_expert": {f"{l}:{e}": int(t) for (l, e), t in sorted(per_pair.items()) if t},
+            "window_s": self.config.rebalance.window_s,
+            "projected_worker_tokens": worker_loads(self.plan, self.counts, per_pair),
+        }
+
+
+def _pairs(spec: dict[str, int]) -> dict[tuple[int, int], int]:
+    pairs = {}
+    for key, n in spec.items():
+        layer, _, expert = str(key).partition(":")
+        if not (layer.isdigit() and expert.isdigit()):
+            raise PlanError(f'expert {key!r} must be "layer:expert", e.g. "3:7"')
+        if int(n) < 1:
+            raise PlanError(f"expert {key} must keep at least 1 replica, got {n}")
+        pairs[int(layer), int(expert)] = int(n)
+    return pairs
+
+
+
+def controller_name(app: str) -> str:
+    return f"{app}:controller"
+
+
+def start_controller(config: ServeConfig, model_dir: str, app: str):
+    """The application's controller: created by its first replica, shared by the others."""
+    from cluster.workers import NAMESPACE
+
+    controller = ray.remote(ExpertController).options(
+        name=controller_name(app), namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=16,
+    ).remote(config.model_dump(), model_dir, app)
+    ray.get(controller.routing_table.remote(), timeout=config.startup_timeout_s + 60)
+    return controller
