@@ -44,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.set_defaults(run=_generate)
+
+    for name, helptext in [("status", "show nodes, workers, their replicas, memory and tokens per expert"),
+                           ("scale", "set replica counts of experts: moecluster scale 3:7=4 0:1=2"),
+                           ("rebalance", "rebalance replicas by load, once, now")]:
+        op = commands.add_parser(name, help=helptext)
+        op.add_argument("--address", help="Ray cluster of the deployment (default: the local one)")
+        op.add_argument("--app", default="moecluster", help="Serve application name")
+        op.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "scale":
+            op.add_argument("replicas", nargs="+", metavar="L:E=N")
+        op.set_defaults(run=_operate)
     return parser
 
 
@@ -106,6 +117,38 @@ def _serve(args) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def _operate(args) -> int:
+    import json
+
+    from cluster import ops
+    from cluster.placement import PlanError
+
+    try:
+        replicas = _replica_args(getattr(args, "replicas", []))
+        ops.connect(args.address)
+        if args.command == "scale":
+            result = ops.scale(replicas, app=args.app)
+        elif args.command == "rebalance":
+            result = ops.rebalance(app=args.app)
+        else:
+            result = ops.status(app=args.app)
+    except (ValueError, LookupError, PlanError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else ops.format_status(result))
+    return 0
+
+
+def _replica_args(specs: list[str]) -> dict[str, int]:
+    replicas = {}
+    for spec in specs:
+        pair, _, count = spec.partition("=")
+        if not count.isdigit() or pair.count(":") != 1:
+            raise ValueError(f"{spec!r} is not L:E=N (layer:expert=replicas), e.g. 3:7=4")
+        replicas[pair] = int(count)
+    return replicas
 
 
 def _generate(args) -> int:

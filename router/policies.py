@@ -57,9 +57,9 @@ def hash_route(
     evenly. Stable across processes, restarts and devices: integer mixing only, never Python's salted `hash()`.
     """
     _check_top_k(top_k, num_experts)
-    token = _mix32(token_ids.long() & _MASK32 ^ _mix32(torch.tensor(seed & _MASK32)))  # [T]
+    token = _mix32((token_ids.long() & _MASK32) ^ _mix32(torch.tensor(seed & _MASK32)))  # [T]
     experts = torch.arange(num_experts, dtype=torch.long)  # [E]
-    keys = _mix32(token[:, None] ^ _mix32(experts + 0x9E3779B9 & _MASK32))  # [T, E]
+    keys = _mix32(token[:, None] ^ _mix32((experts + 0x9E3779B9) & _MASK32))  # [T, E]
     index = torch.topk(keys * num_experts + experts, top_k, dim=-1).indices  # [T, K], unique keys: no ties
     return index, uniform_weights(index)
 
@@ -105,7 +105,7 @@ def balanced_route(
     assigned = _plain_top_k(affinity, top_k, capacity)
     if assigned is None:
         assigned = torch.from_numpy(_min_cost_assignment(affinity.double().numpy(), top_k, capacity))
-    return _ranked(assigned, affinity)
+    return _ranked(assigned, affinity, top_k)
 
 
 def _plain_top_k(affinity: torch.Tensor, top_k: int, capacity: int) -> torch.Tensor | None:
@@ -115,45 +115,60 @@ def _plain_top_k(affinity: torch.Tensor, top_k: int, capacity: int) -> torch.Ten
     return assigned if int(assigned.sum(0).max()) <= capacity else None
 
 
-def _ranked(assigned: torch.Tensor, affinity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked(assigned: torch.Tensor, affinity: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, E] bool with K per row -> index [T, K] by affinity, best first; weights [T, K] softmax over them."""
     chosen = affinity.masked_fill(~assigned, float("-inf"))  # [T, E]
-    top, index = torch.topk(chosen, int(assigned[0].sum()), dim=-1)  # [T, K]
+    top, index = torch.topk(chosen, top_k, dim=-1)  # [T, K]
     return index, torch.softmax(top, dim=-1)
 
 
 def _min_cost_assignment(affinity: np.ndarray, top_k: int, capacity: int) -> np.ndarray:
     """[T, E] float64 -> [T, E] bool: the exact optimum, by successive shortest augmenting paths."""
-    tokens, num_experts = affinity.shape
-    state = _FlowState(affinity, np.zeros((tokens, num_experts), bool), np.zeros(num_experts), capacity)
-    for token in range(tokens):
+    state = _FlowState(affinity, capacity, _uncontested(affinity, top_k, capacity))
+    for token in np.flatnonzero(~state.assigned.any(1)):
         for _ in range(top_k):
-            state.augment(token)
+            state.augment(int(token))
     return state.assigned
+
+
+def _uncontested(affinity: np.ndarray, top_k: int, capacity: int) -> np.ndarray:
+    """[T, E] bool: the tokens, in order, whose whole top-K fits; holding their own best, they start optimal."""
+    top = np.argsort(-affinity, axis=1, kind="stable")[:, :top_k]  # [T, K]
+    first = np.zeros(affinity.shape, np.int64)  # [T, E]
+    np.put_along_axis(first, top, 1, axis=1)
+    fits = ((first.cumsum(0) <= capacity) | (first == 0)).all(1)  # [T]
+    return (first > 0) & fits[:, None]
 
 
 class _FlowState:
     """A partial assignment that is optimal for the tokens in it, with the expert prices that certify it.
 
     Invariants: every token holds its best experts by reduced affinity (affinity - price); only full experts
-    have a positive price.
+    have a positive price. A path step moving a token from expert a to b loses reduced affinity
+    (aff[t, a] - aff[t, b]) - price[a] + price[b]; the cheapest token per (a, b) does not depend on prices, so
+    those rows are cached until a's holders, or what they hold, change.
     """
 
-    def __init__(self, affinity: np.ndarray, assigned: np.ndarray, price: np.ndarray, capacity: int):
-        self.affinity, self.assigned, self.price, self.capacity = affinity, assigned, price, capacity
+    def __init__(self, affinity: np.ndarray, capacity: int, assigned: np.ndarray):
+        self.affinity, self.capacity, self.assigned = affinity, capacity, assigned
         self.load = assigned.sum(0)  # [E]
+        self.price = np.zeros(affinity.shape[1])  # [E]
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # expert -> (affinity lost [E], token [E])
 
     def augment(self, token: int) -> None:
         """Give `token` one more expert along a shortest path, then raise the prices of the experts it crossed."""
         dist, parent, mover, settled, end = self._shortest_path(token)
         self.price[settled] += np.maximum(dist[end] - dist[settled], 0.0)
         self.load[end] += 1
-        expert = end
+        expert, touched = end, [token]
         while parent[expert] >= 0:  # each full expert on the way hands one token on to the next
             self.assigned[mover[expert], parent[expert]] = False
             self.assigned[mover[expert], expert] = True
+            touched.append(mover[expert])
             expert = parent[expert]
         self.assigned[token, expert] = True
+        for stale in np.flatnonzero(self.assigned[touched].any(0)):  # holders, or what they hold, changed
+            self.rows.pop(int(stale), None)
 
     def _shortest_path(self, token: int):
         """Dijkstra over experts from `token`'s next unit to the nearest expert with room; costs are the
@@ -171,20 +186,26 @@ class _FlowState:
             settled[expert] = True
             if self.load[expert] < self.capacity:
                 return dist, parent, mover, settled, expert
-            step, who = self._moves_out_of(expert, token)
-            better = ~settled & (dist[expert] + step < dist)  # [E]
-            dist[better], parent[better], mover[better] = dist[expert] + step[better], expert, who[better]
+            lost, who = self._moves_out_of(expert, token)
+            step = dist[expert] + lost - self.price[expert] + self.price  # [E]
+            better = ~settled & (step < dist)  # [E]
+            dist[better], parent[better], mover[better] = step[better], expert, who[better]
 
     def _moves_out_of(self, expert: int, source: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cheapest move of a token held by full `expert` to each other expert: cost [E] and which token [E]."""
+        """Cheapest move of a token held by full `expert` to each other expert: affinity lost [E], token [E]."""
+        if expert in self.rows:
+            return self.rows[expert]
         holders = np.flatnonzero(self.assigned[:, expert])
+        own = self.assigned[source, expert]  # the source is the path's start, never a step on it
         holders = holders[holders != source]  # [H]
         if holders.size == 0:
             return np.full(self.price.size, np.inf), np.full(self.price.size, -1)
-        reduced = self.affinity[holders] - self.price  # [H, E]
-        cost = np.where(self.assigned[holders], np.inf, reduced[:, [expert]] - reduced)  # [H, E]
-        best = cost.argmin(0)  # [E]
-        return cost[best, np.arange(cost.shape[1])], holders[best]
+        lost = np.where(self.assigned[holders], np.inf, self.affinity[holders, expert, None] - self.affinity[holders])
+        best = lost.argmin(0)  # [E]
+        row = lost[best, np.arange(lost.shape[1])], holders[best]  # [E], [E]
+        if not own:
+            self.rows[expert] = row
+        return row
 
 
 # --- k-means ----------------------------------------------------------------------------------------------------
@@ -256,7 +277,7 @@ def _reseed_empty(centroids, counts, points, own_distance) -> torch.Tensor:
 
 def _sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[N, D], [E, D] -> [N, E] squared Euclidean distances."""
-    return (x[:, None, :] - y[None, :, :]).pow(2).sum(-1)
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ y.T + y.pow(2).sum(1)).clamp(min=0)
 
 
 # --- capacity -----------------------------------------------------------------------------------------------------
@@ -299,8 +320,11 @@ def _priority(index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 def _first_come(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """[S] experts in priority order -> [S] bool: whether the pair is within its expert's first `capacity`."""
-    one_hot = torch.nn.functional.one_hot(experts, num_experts)  # [S, E]
-    position = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # [S] rank among pairs to the same expert
+    by_expert = torch.argsort(experts, stable=True)  # [S] grouped by expert, priority order within
+    counts = torch.bincount(experts, minlength=num_experts)  # [E]
+    starts = counts.cumsum(0) - counts  # [E]
+    position = torch.empty_like(experts)
+    position[by_expert] = torch.arange(experts.numel()) - starts[experts[by_expert]]  # [S] rank at its expert
     return position < capacity
 
 

@@ -16,14 +16,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+WORKER_NODES = 3
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """A simulated multi-node cluster on this machine: a head for Serve and WORKER_NODES nodes for experts."""
     import ray
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    for _ in range(WORKER_NODES):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,59 @@
+"""The Python API for a running deployment: status, scale and rebalance, through its expert controller."""
+
+import ray
+
+from cluster.controller import controller_name
+from cluster.workers import NAMESPACE
+
+DEFAULT_APP = "moecluster"
+
+
+def connect(address: str | None = None) -> None:
+    """Join the deployment's Ray cluster (`address`, or the local one) as a client driver."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+
+
+def _controller(app: str):
+    try:
+        return ray.get_actor(controller_name(app), namespace=NAMESPACE)
+    except ValueError:
+        raise LookupError(f"no moecluster application {app!r} is running on this Ray cluster") from None
+
+
+def status(app: str = DEFAULT_APP) -> dict:
+    return ray.get(_controller(app).status.remote())
+
+
+def scale(replicas: dict[str, int], app: str = DEFAULT_APP) -> dict:
+    """Set replica counts, e.g. scale({"3:7": 4}); loads new replicas before routing to them."""
+    return ray.get(_controller(app).scale.remote(replicas))
+
+
+def rebalance(app: str = DEFAULT_APP) -> dict:
+    """One rebalance now, from the tokens per expert in the controller's window."""
+    return ray.get(_controller(app).rebalance.remote())
+
+
+def balance(status: dict) -> float:
+    """max/mean tokens per worker since the plan last changed (1.0 is perfect; 0 without traffic)."""
+    tokens = [w["tokens_since_plan"] for w in status["workers"]]
+    mean = sum(tokens) / len(tokens) if tokens else 0
+    return max(tokens) / mean if mean else 0.0
+
+
+def format_status(status: dict) -> str:
+    lines = [f"application {status['app']}  plan v{status['version']}  routing {status['routing_policy']}", "",
+             "NODE                      ADDRESS          ALIVE"]
+    lines += [f"{n['node_id'][:24]:<25} {n['address']:<16} {n['alive']}" for n in status["nodes"]]
+    lines += ["", "WORKER  NODE                      ADDRESS               ALIVE  MEMORY   TOKENS  REPLICAS"]
+    for w in status["workers"]:
+        memory = f"{w.get('weight_bytes', 0) / 2**20:.1f}MiB"
+        lines.append(f"{w['worker']:<7} {w.get('node_id', '-')[:24]:<25} {w.get('address', '-'):<21} "
+                     f"{str(w['alive']):<6} {memory:<8} {w['tokens_since_plan']:<7} {' '.join(w['replicas'])}")
+    lines += ["", f"tokens per worker since the plan changed: max/mean = {balance(status):.2f}",
+              f"tokens per expert over the last {status['window_s']:.0f}s (replicas):"]
+    counts = status["replica_counts"]
+    hot = sorted(status["tokens_per_expert"].items(), key=lambda kv: -kv[1])
+    lines += [f"  {pair:>6}  {tokens:>8}  ({counts[pair]})" for pair, tokens in hot] or ["  (no traffic yet)"]
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+{{/* Chart name. */}}
+{{- define "moecluster.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every object name: the release name, plus the chart name unless the release name contains it. */}}
+{{- define "moecluster.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "moecluster.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "moecluster.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels that select this release's Ray pods. */}}
+{{- define "moecluster.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moecluster.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "moecluster.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The custom Ray resource that only the head offers: it pins the Serve replica there. */}}
+{{- define "moecluster.servingResource" -}}
+moecluster-serving
+{{- end }}
+
+{{/* The Serve application's args: the `serve` values (ServeConfig fields), model defaulting to the mount path. */}}
+{{- define "moecluster.serveArgs" -}}
+{{- $args := deepCopy .Values.serve }}
+{{- if not $args.model }}
+{{- $_ := set $args "model" .Values.modelStorage.mountPath }}
+{{- end }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/* Ray Serve's config (serveConfigV2): HTTP on 8000, the gRPC ingress on 9000, the application. */}}
+{{- define "moecluster.serveConfig" -}}
+http_options:
+  host: 0.0.0.0
+  port: 8000
+grpc_options:
+  port: 9000
+  grpc_servicer_functions:
+    - protos.inference_pb2_grpc.add_InferenceServicer_to_server
+applications:
+  - name: moecluster
+    route_prefix: /
+    import_path: cluster.app:build
+    args:
+      {{- include "moecluster.serveArgs" . | nindent 6 }}
+    deployments:
+      - name: MoEServer
+        ray_actor_options:
+          num_cpus: 1
+          resources:
+            {{ include "moecluster.servingResource" . }}: 1
+{{- end }}
+
+{{/* The model volume's source. */}}
+{{- define "moecluster.modelVolume" -}}
+{{- $storage := .Values.modelStorage }}
+{{- if eq $storage.type "pvc" }}
+persistentVolumeClaim:
+  claimName: {{ $storage.pvc.existingClaim | default (printf "%s-models" (include "moecluster.fullname" .)) }}
+  readOnly: true
+{{- else if eq $storage.type "hostPath" }}
+hostPath:
+  path: {{ $storage.hostPath.path }}
+  type: {{ $storage.hostPath.type }}
+{{- else if eq $storage.type "download" }}
+emptyDir:
+  sizeLimit: {{ $storage.download.sizeLimit }}
+{{- else }}
+emptyDir: {}
+{{- end }}
+{{- end }}
+
+{{/* The init container that fills the model volume (demo and download storage), or nothing. */}}
+{{- define "moecluster.modelInitContainers" -}}
+{{- $storage := .Values.modelStorage }}
+{{- if has $storage.type (list "demo" "download") }}
+initContainers:
+  - name: model
+    image: {{ include "moecluster.image" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    securityContext:
+      {{- toYaml .Values.securityContext | nindent 6 }}
+    {{- if eq $storage.type "demo" }}
+    command: ["moecluster", "init-model", {{ $storage.mountPath | quote }}, "--arch", {{ $storage.demo.arch | quote }}, "--seed", {{ $storage.demo.seed | quote }}]
+    {{- else }}
+    command:
+      - python
+      - -c
+      - |
+        import sys
+        from huggingface_hub import snapshot_download
+        snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])
+      - {{ $storage.download.repoId | quote }}
+      - {{ $storage.download.revision | quote }}
+      - {{ $storage.mountPath | quote }}
+    env:
+      - name: HF_HOME
+        value: /tmp/huggingface
+      {{- with $storage.download.env }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    {{- with $storage.download.resources }}
+    resources:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- end }}
+    volumeMounts:
+      - name: model
+        mountPath: {{ $storage.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Ray pod template. Parameters (a dict): root (the chart's context), group (head or expert group values),
+container (ray-head or ray-worker), component (a label value), extraLabels (a dict), ports (a list).
+*/}}
+{{- define "moecluster.podTemplate" -}}
+{{- $root := .root }}
+{{- $group := .group }}
+{{- $storage := $root.Values.modelStorage }}
+{{- $resources := deepCopy ($group.resources | default dict) }}
+{{- if $group.gpus }}
+{{- $limits := deepCopy ($resources.limits | default dict) }}
+{{- $_ := set $limits $group.gpuResourceName $group.gpus }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+metadata:
+  labels:
+    {{- include "moecluster.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    {{- with .extraLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $group.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $group.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with $root.Values.serviceAccountName }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- with include "moecluster.modelInitContainers" $root | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "moecluster.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      ports:
+        {{- toYaml .ports | nindent 8 }}
+      {{- with $root.Values.env }}
+      env:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml $resources | nindent 8 }}
+      volumeMounts:
+        - name: model
+          mountPath: {{ $storage.mountPath }}
+          readOnly: true
+          {{- if and (eq $storage.type "pvc") $storage.pvc.subPath }}
+          subPath: {{ $storage.pvc.subPath }}
+          {{- end }}
+  volumes:
+    - name: model
+      {{- include "moecluster.modelVolume" $root | trim | nindent 6 }}
+  {{- with $group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
