@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     srv.add_argument("--num-workers", type=int)
     srv.add_argument("--config", help="serving config file (YAML or JSON); flags override it")
+    srv.add_argument("--rebalance", action="store_true", default=None,
+                     help="rebalance expert replicas by load on a timer (rebalance.interval_s)")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
     srv.add_argument("--address", help="Ray cluster to join (default: start a local one)")
@@ -74,6 +76,8 @@ def load_config(path: str | None, **overrides):
 
         with open(path) as f:
             fields = yaml.safe_load(f) or {}
+    if overrides.pop("rebalance_enabled", None):
+        fields["rebalance"] = {**fields.get("rebalance", {}), "enabled": True}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig.model_validate(fields)
 
@@ -85,7 +89,8 @@ def _serve(args) -> int:
     from ray.serve.config import gRPCOptions
 
     try:
-        config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers)
+        config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
+                             rebalance_enabled=args.rebalance)
     except ValidationError as error:
         print(f"invalid serving config:\n{error}", file=sys.stderr)
         return 2

@@ -117,9 +117,13 @@ def _softmax_family(attrs: Mapping, normalize: bool | None = None, cast_back: bo
 
 def _deepseek(attrs: Mapping) -> GateSpec:
     return GateSpec(
-        "sigmoid_grouped_topk", _attr(attrs, "num_experts_per_tok"), bool(_attr(attrs, "norm_topk_prob")),
-        n_group=_attr(attrs, "n_group"), topk_group=_attr(attrs, "topk_group"),
-        scaling_factor=float(_attr(attrs, "routed_scaling_factor")), fp32_logits=True,
+        "sigmoid_grouped_topk",
+        _attr(attrs, "num_experts_per_tok"),
+        bool(_attr(attrs, "norm_topk_prob")),
+        n_group=_attr(attrs, "n_group"),
+        topk_group=_attr(attrs, "topk_group"),
+        scaling_factor=float(_attr(attrs, "routed_scaling_factor")),
+        fp32_logits=True,
     )
 
 

@@ -41,7 +41,7 @@ def check_policy(name: str, **params) -> str:
 
 def uniform_weights(index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[T, K] -> [T, K] all 1/K: policies with no learned gate weigh a token's experts equally."""
-    return torch.full(index.shape, 1.0 / index.shape[1], dtype=dtype)
+    return torch.full(index.shape, 1.0 / index.shape[1], dtype=dtype, device=index.device)
 
 
 # --- hash ---------------------------------------------------------------------------------------------------
@@ -57,8 +57,9 @@ def hash_route(
     evenly. Stable across processes, restarts and devices: integer mixing only, never Python's salted `hash()`.
     """
     _check_top_k(top_k, num_experts)
-    token = _mix32((token_ids.long() & _MASK32) ^ _mix32(torch.tensor(seed & _MASK32)))  # [T]
-    experts = torch.arange(num_experts, dtype=torch.long)  # [E]
+    salt = _mix32(torch.tensor(seed & _MASK32, device=token_ids.device))
+    token = _mix32((token_ids.long() & _MASK32) ^ salt)  # [T]
+    experts = torch.arange(num_experts, device=token_ids.device)  # [E]
     keys = _mix32(token[:, None] ^ _mix32((experts + 0x9E3779B9) & _MASK32))  # [T, E]
     index = torch.topk(keys * num_experts + experts, top_k, dim=-1).indices  # [T, K], unique keys: no ties
     return index, uniform_weights(index)
@@ -74,7 +75,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # x * c mod 2**32 in 16-bit halves of c, so no int64 product overflows (overflow is not defined behaviour).
+    # x * c mod 2**32 in 16-bit halves of c: no int64 product overflows, whose result torch leaves undefined.
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
@@ -104,14 +105,15 @@ def balanced_route(
         raise ValueError(f"{tokens} tokens x {top_k} experts do not fit {num_experts} experts x {capacity} slots")
     assigned = _plain_top_k(affinity, top_k, capacity)
     if assigned is None:
-        assigned = torch.from_numpy(_min_cost_assignment(affinity.double().numpy(), top_k, capacity))
+        optimum = _min_cost_assignment(affinity.double().cpu().numpy(), top_k, capacity)
+        assigned = torch.from_numpy(optimum).to(affinity.device)
     return _ranked(assigned, affinity, top_k)
 
 
 def _plain_top_k(affinity: torch.Tensor, top_k: int, capacity: int) -> torch.Tensor | None:
     """[T, E] bool of each token's own top-K when no expert then exceeds capacity (already optimal), else None."""
     index = torch.topk(affinity, top_k, dim=-1).indices  # [T, K]
-    assigned = torch.zeros(affinity.shape, dtype=torch.bool).scatter_(1, index, True)  # [T, E]
+    assigned = torch.zeros_like(affinity, dtype=torch.bool).scatter_(1, index, True)  # [T, E]
     return assigned if int(assigned.sum(0).max()) <= capacity else None
 
 
@@ -211,9 +213,7 @@ class _FlowState:
 # --- k-means ----------------------------------------------------------------------------------------------------
 
 
-def kmeans_route(
-    hidden: torch.Tensor, centroids: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_route(hidden: torch.Tensor, centroids: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token to its K nearest centroids (one per expert), weighted 1/K.
 
     hidden: [T, D], centroids: [E, D] -> index [T, K] nearest first, weights [T, K].
@@ -231,14 +231,14 @@ def fit_kmeans(hidden: torch.Tensor, num_clusters: int, iters: int = 25, seed: i
     """
     if not 1 <= num_clusters <= hidden.shape[0]:
         raise ValueError(f"num_clusters must be between 1 and the {hidden.shape[0]} samples, got {num_clusters}")
-    points = hidden.float()
+    points = hidden.float().cpu()  # the seeded draws use a CPU generator
     centroids = _kmeans_plus_plus(points, num_clusters, torch.Generator().manual_seed(seed))
     for _ in range(iters):
         updated = _lloyd_step(points, centroids)
         if torch.equal(updated, centroids):
             break
         centroids = updated
-    return centroids.to(hidden.dtype)
+    return centroids.to(hidden.device, hidden.dtype)
 
 
 def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
@@ -323,8 +323,9 @@ def _first_come(experts: torch.Tensor, num_experts: int, capacity: int) -> torch
     by_expert = torch.argsort(experts, stable=True)  # [S] grouped by expert, priority order within
     counts = torch.bincount(experts, minlength=num_experts)  # [E]
     starts = counts.cumsum(0) - counts  # [E]
+    sorted_position = torch.arange(experts.numel(), device=experts.device)  # [S]
     position = torch.empty_like(experts)
-    position[by_expert] = torch.arange(experts.numel()) - starts[experts[by_expert]]  # [S] rank at its expert
+    position[by_expert] = sorted_position - starts[experts[by_expert]]  # [S] rank among its expert's pairs
     return position < capacity
 
 
@@ -349,7 +350,9 @@ def _reroute(index, keep_mask, scores, order, capacity) -> tuple[torch.Tensor, t
 
 
 def load_balance(
-    index: torch.Tensor, num_experts: int, expert_worker: torch.Tensor | None = None,
+    index: torch.Tensor,
+    num_experts: int,
+    expert_worker: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
 ) -> dict:
     """Token-expert pairs per expert (and per worker, given expert_worker [E]): counts, max, mean, max/mean.

@@ -82,7 +82,8 @@ def test_removed_node_is_routed_around_and_its_workers_replaced(app, inference_s
     node_id = status["workers"][2]["node_id"]
     node = next(n for n in app.worker_nodes if n.node_id == node_id)
     try:
-        assert run_streams(inference_stub, during=lambda: app.remove_node(node)) == expected
+        outputs = run_streams(inference_stub, during=lambda: app.remove_node(node))
+        assert outputs == expected, ops.format_status(status)
         wait_until(lambda: all(w["alive"] for w in ops.status(APP)["workers"]), what="workers on a live node")
         after = ops.status(APP)
         assert node_id not in [w["node_id"] for w in after["workers"]]

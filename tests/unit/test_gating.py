@@ -33,6 +33,9 @@ def by_expert(index, weights):
 def test_gate_equals_transformers_router(routers, arch, dtype):
     config, router = routers[arch]
     router = copy.deepcopy(router).to(dtype)
+    if hasattr(router, "e_score_correction_bias"):  # a buffer, which the demo checkpoint leaves at zero
+        bias = torch.randn(router.num_experts, generator=torch.Generator().manual_seed(5))
+        router.e_score_correction_bias.copy_(bias)
     hidden = torch.randn(97, config.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
     spec = gate_spec(config.model_type, config.to_dict())
     with torch.no_grad():
@@ -51,11 +54,14 @@ def test_gate_equals_transformers_router(routers, arch, dtype):
 def test_family_specs():
     assert gate_spec("mixtral", {"num_experts_per_tok": 2}) == GateSpec("softmax_topk", 2, True, cast_back=False)
     assert gate_spec("qwen3_moe", {"num_experts_per_tok": 8, "norm_topk_prob": True}).normalize
-    deepseek = gate_spec("deepseek_v3", dict(
-        num_experts_per_tok=8, norm_topk_prob=True, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-    ))
+    config = {"num_experts_per_tok": 8, "norm_topk_prob": True, "n_group": 8, "topk_group": 4}
+    deepseek = gate_spec("deepseek_v3", config | {"routed_scaling_factor": 2.5})
     assert (deepseek.kind, deepseek.n_group, deepseek.topk_group, deepseek.scaling_factor) == (
-        "sigmoid_grouped_topk", 8, 4, 2.5)
+        "sigmoid_grouped_topk",
+        8,
+        4,
+        2.5,
+    )
     with pytest.raises(ValueError, match="known: mixtral, qwen2_moe"):
         gate_spec("llama", {})
     with pytest.raises(ValueError, match="norm_topk_prob"):
@@ -80,8 +86,7 @@ def test_topk_softmax_weighs_only_the_chosen_logits():
 def test_sigmoid_grouped_topk_bias_selects_but_does_not_weigh():
     logits = torch.tensor([[3.0, 2.0, -1.0, 0.0, 1.0, 0.5, -2.0, -3.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0])  # lifts expert 7 and so group 3
-    index, weights = sigmoid_grouped_topk(logits, bias, 2, n_group=4, topk_group=2, normalize=False,
-                                          scaling_factor=2.0)
+    index, weights = sigmoid_grouped_topk(logits, bias, 2, n_group=4, topk_group=2, normalize=False, scaling_factor=2.0)
     index, weights = by_expert(index, weights)
     assert index.tolist() == [[0, 7]]  # groups {0, 1} and {6, 7} win; best biased experts in them
     torch.testing.assert_close(weights, 2.0 * logits[:, [0, 7]].sigmoid())

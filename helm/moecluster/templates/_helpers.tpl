@@ -142,7 +142,7 @@ container (ray-head or ray-worker), component (a label value), extraLabels (a di
 {{- $resources := deepCopy ($group.resources | default dict) }}
 {{- if $group.gpus }}
 {{- $limits := deepCopy ($resources.limits | default dict) }}
-{{- $_ := set $limits $group.gpuResourceName $group.gpus }}
+{{- $_ := set $limits ($group.gpuResourceName | default "nvidia.com/gpu") $group.gpus }}
 {{- $_ := set $resources "limits" $limits }}
 {{- end }}
 metadata:

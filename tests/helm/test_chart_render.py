@@ -1,0 +1,203 @@
+"""The chart lints, renders with the default and the ci values, and what it renders passes the Kubernetes schemas
+and KubeRay's CRD; serveConfigV2 carries the serving config exactly as the CLI reads it."""
+
+import copy
+
+import pytest
+import yaml
+
+from cluster.cli import GRPC_SERVICER, load_config
+from cluster.config import ServeConfig
+
+VALUE_SETS = ["default", "ci"]
+
+# Every model storage source, with the objects it renders: each must pass the schemas too.
+STORAGE = {
+    "demo": {},
+    "pvc-existing": {"sets": ["modelStorage.type=pvc", "modelStorage.pvc.existingClaim=models",
+                              "modelStorage.pvc.subPath=qwen3"]},
+    "pvc-create": {"sets": ["modelStorage.type=pvc", "modelStorage.pvc.create=true",
+                            "modelStorage.pvc.storageClassName=nfs"]},
+    "hostPath": {"sets": ["modelStorage.type=hostPath", "modelStorage.hostPath.path=/data/qwen3"]},
+    "download": {"sets": ["modelStorage.type=download", "modelStorage.download.repoId=Qwen/Qwen3-30B-A3B",
+                          "modelStorage.download.env[0].name=HF_TOKEN",
+                          "modelStorage.download.env[0].valueFrom.secretKeyRef.name=hf",
+                          "modelStorage.download.env[0].valueFrom.secretKeyRef.key=token"]},
+}
+
+
+@pytest.fixture(scope="module", params=VALUE_SETS)
+def value_set(request, chart):
+    return request.param, ({"values_files": [chart.CI_VALUES]} if request.param == "ci" else {})
+
+
+@pytest.fixture(scope="module")
+def objects(value_set, default_objects, ci_objects):
+    return ci_objects if value_set[0] == "ci" else default_objects
+
+
+def test_lint_strict(lint, value_set):
+    out = lint(**value_set[1])
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+    assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+def test_renders_the_expected_objects(objects, value_set, chart):
+    kinds = sorted(o["kind"] for o in objects)
+    if value_set[0] == "default":
+        assert kinds == ["RayService", "Service", "Service"]
+    else:  # a created PVC, the metrics Service and the ServiceMonitor on top
+        assert kinds == ["PersistentVolumeClaim", "RayService", "Service", "Service", "Service", "ServiceMonitor"]
+    for obj in objects:
+        assert obj["metadata"]["name"].startswith(f"{chart.RELEASE}-moecluster")
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == chart.RELEASE
+
+
+def test_builtin_kinds_pass_the_kubernetes_schemas(objects, validate_kubernetes):
+    builtin = [o for o in objects if o["kind"] not in ("RayService", "ServiceMonitor")]
+    assert builtin
+    for obj in builtin:
+        validate_kubernetes(obj)
+
+
+def test_rayservice_passes_the_kuberay_crd(objects, validate_rayservice, chart):
+    validate_rayservice(chart.only(objects, "RayService"))
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+def test_every_model_storage_passes_both_schemas(storage, render, validate_kubernetes, validate_rayservice, chart):
+    objects = render(**STORAGE[storage])
+    validate_rayservice(chart.only(objects, "RayService"))
+    for obj in objects:
+        if obj["kind"] != "RayService":
+            validate_kubernetes(obj)
+    assert ("PersistentVolumeClaim" in [o["kind"] for o in objects]) == (storage == "pvc-create")
+
+
+def test_the_kuberay_check_catches_a_bad_rayservice(default_objects, validate_rayservice, chart):
+    bad = copy.deepcopy(chart.only(default_objects, "RayService"))
+    bad["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 1
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicaz"] = 3
+    with pytest.raises(AssertionError, match=r"(?s)num-cpus: 1 is not of type 'string'.*'replicaz' was unexpected"):
+        validate_rayservice(bad)
+
+
+def test_serve_config_v2(objects, chart):
+    config = chart.serve_config_v2(chart.only(objects, "RayService"))
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]}
+    (app,) = config["applications"]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("moecluster", "/", "cluster.app:build")
+    # the args are a valid ServeConfig, whose model is where the storage is mounted
+    ServeConfig.model_validate(app["args"])
+    head = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in head["containers"][0]["volumeMounts"]}
+    assert app["args"]["model"] == mounts["model"]["mountPath"]
+    # the Serve replica is pinned to the head by a resource only the head offers
+    (deployment,) = app["deployments"]
+    assert deployment["name"] == "MoEServer"
+    (resource,) = deployment["ray_actor_options"]["resources"]
+    head_params = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    assert f'\\"{resource}\\": 1' in head_params["resources"]
+
+
+def test_the_serve_section_is_the_args_verbatim(render, chart):
+    values = yaml.safe_load(chart.CI_VALUES.read_text())["serve"]
+    args = chart.serve_args(render(values_files=[chart.CI_VALUES]))
+    assert args == {**values, "model": "/models/qwen3-moe"}
+
+
+def test_expert_replicas_land_in_serve_config_as_the_cli_reads_them(render, chart, tmp_path):
+    objects = render(sets=["serve.expert_replicas.3:7=4", "serve.num_workers=3"])
+    args = chart.serve_args(objects)
+    assert ServeConfig.model_validate(args).replica_counts() == {(3, 7): 4}
+    # the same args, as a `moecluster serve --config FILE` file, are the same config
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(args))
+    assert load_config(str(config_file)) == ServeConfig.model_validate(args)
+    assert load_config(str(config_file)).num_workers == 3
+
+
+def test_a_cli_config_file_is_a_values_serve_section(render, chart, tmp_path):
+    """The other way round: a --config file's contents, given as `serve`, render to the same config."""
+    cli_config = {"num_workers": 4, "dtype": "bfloat16", "expert_replicas": {"1:2": 3},
+                  "routing": {"policy": "hash", "hash_seed": 7}, "rebalance": {"enabled": True}}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"serve": cli_config}))
+    args = chart.serve_args(render(values_files=[values]))
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(cli_config))
+    assert ServeConfig.model_validate(args) == load_config(str(config_file)).model_copy(
+        update={"model": "/models/checkpoint"})
+
+
+def test_scaling_one_expert_group_changes_only_that_group(render, chart):
+    before = render(values_files=[chart.CI_VALUES])
+    after = render(values_files=[chart.CI_VALUES], sets=["expertGroups.l4.replicas=7"])
+    assert len(before) == len(after)
+    for old, new in zip(before, after):
+        if old["kind"] != "RayService":
+            assert old == new
+    old_spec = chart.only(before, "RayService")
+    new_spec = chart.only(after, "RayService")
+    old_groups, new_groups = chart.worker_groups(before), chart.worker_groups(after)
+    assert list(old_groups) == list(new_groups) == ["a100", "h100", "l4"]
+    assert (old_groups["l4"]["replicas"], new_groups["l4"]["replicas"]) == (2, 7)
+    # everything else, the other groups and serveConfigV2 included, is identical
+    new_groups["l4"]["replicas"] = 2
+    assert chart.to_json(new_spec) == chart.to_json(old_spec)
+
+
+def test_replicas_outside_min_max_are_refused(render, chart):
+    with pytest.raises(chart.HelmError, match=r"expertGroups.experts: replicas \(5\) must lie between minReplicas "
+                                               r"\(2\) and maxReplicas \(2\)"):
+        render(sets=["expertGroups.experts.replicas=5"])
+
+
+def test_service_monitor_renders_when_enabled(render, chart, validate_kubernetes):
+    objects = render(sets=["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"])
+    monitor = chart.only(objects, "ServiceMonitor")
+    metrics = chart.only(objects, "Service", "-metrics")
+    validate_kubernetes(metrics)  # the ServiceMonitor's CRD is not available here: only its Service is checked
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == metrics["spec"]["ports"][0]["name"] == "metrics"
+    # every Ray pod (head and expert workers) has the port the metrics Service targets
+    spec = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for template in templates:
+        assert metrics["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+        assert "metrics" in {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+    assert "ServiceMonitor" not in {o["kind"] for o in render()}
+
+
+def test_services_reach_the_serve_ports(objects, chart):
+    spec = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]
+    head = spec["headGroupSpec"]["template"]
+    head_ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    for suffix, target, container_port in (("-http", "serve", 8000), ("-grpc", "grpc", 9000)):
+        service = chart.only(objects, "Service", suffix)
+        (port,) = service["spec"]["ports"]
+        assert port["targetPort"] == target and head_ports[target] == container_port
+        selector = service["spec"]["selector"]
+        assert selector.pop("ray.io/serve") == "true"  # set by KubeRay on pods whose Serve proxy is healthy
+        assert selector.items() <= head["metadata"]["labels"].items()
+
+
+def test_every_container_runs_non_root_without_privileges(objects, chart):
+    spec = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] is True and context["runAsUser"] == 1000
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_ray_start_params_are_strings(objects, chart):
+    spec = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]
+    for params in [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in spec["workerGroupSpecs"]]:
+        assert all(isinstance(v, str) for v in params.values()), params

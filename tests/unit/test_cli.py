@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from cluster.cli import _replica_args, load_config, main
+
+
+def test_init_model_writes_a_loadable_checkpoint(tmp_path, capsys):
+    assert main(["init-model", str(tmp_path / "m"), "--arch", "olmoe", "--seed", "3"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+
+
+def test_config_file_and_flags_are_one_schema(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(json.dumps({"num_workers": 3, "expert_replicas": {"1:2": 3}, "routing": {"policy": "hash"}}))
+    config = load_config(str(path), num_workers=4, rebalance_enabled=True)
+    assert config.num_workers == 4 and config.replica_counts() == {(1, 2): 3}
+    assert config.rebalance.enabled and config.routing.policy == "hash"
+
+
+def test_bad_config_values_are_refused_with_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("num_workers: 0\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    path.write_text("routing: {policy: random}\n")
+    with pytest.raises(Exception, match="'model', 'hash', 'balanced' or 'kmeans'"):
+        load_config(str(path))
+
+
+def test_scale_arguments():
+    assert _replica_args(["3:7=4", "0:1=1"]) == {"3:7": 4, "0:1": 1}
+    with pytest.raises(ValueError, match="not L:E=N"):
+        _replica_args(["3=4"])
