@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServeConfig
 from cluster.load_window import TokenWindow
@@ -150,6 +151,7 @@ class ExpertController:
             "app": self.app,
             "version": self.version,
             "routing_policy": self.config.routing.policy,
+            "controller_node_id": ray.get_runtime_context().get_node_id(),
             "nodes": [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"]}
                       for n in ray.nodes()],
             "workers": [
@@ -182,11 +184,16 @@ def controller_name(app: str) -> str:
 
 
 def start_controller(config: ServeConfig, model_dir: str, app: str):
-    """The application's controller: created by its first replica, shared by the others."""
+    """The application's controller: created by its first replica, shared by the others.
+
+    It owns the workers, so it lives beside the serving replica: losing an expert node never takes it along.
+    """
     from cluster.workers import NAMESPACE
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     controller = ray.remote(ExpertController).options(
         name=controller_name(app), namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=16,
+        scheduling_strategy=here,
     ).remote(config.model_dump(), model_dir, app)
     ray.get(controller.routing_table.remote(), timeout=config.startup_timeout_s + 60)
     return controller

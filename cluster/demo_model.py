@@ -64,9 +64,9 @@ def _randomize_zero_biases(model) -> None:
     # Routing biases start at zero; random ones make the demo exercise them (DeepSeek's score correction,
     # GPT-OSS's router and expert biases).
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("e_score_correction_bias", "router.bias", "_proj_bias")):
-                param.normal_(0.0, 0.1)
+                tensor.normal_(0.0, 0.1)
 
 
 def default_model_dir() -> Path:
