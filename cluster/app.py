@@ -15,18 +15,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from transformers import AutoTokenizer
 
-from cluster.config import ServeConfig
+from cluster.config import RoutingConfig, ServeConfig
 from cluster.demo_model import default_model_dir
 from cluster.engine import Engine, Event, Sequence
 from cluster.errors import ServingError
 from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
 from cluster.controller import start_controller
 from cluster.requests import parse_generation
-from experts.layout import experts_modules
 from protos import inference_pb2
 from router.client import ExpertClient
 from router.model import load_dense_model
 from router.remote import ExpertRouter
+from router.routing import centroids_path, load_centroids, policy_for_model
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
@@ -55,10 +55,11 @@ class MoEServer:
         self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
         self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()),
                                    ExpertClient(self.config.expert_timeout_s))
-        self.router.attach(experts_modules(self.model))
+        self.router.attach(self.model)
+        self.router.policy = routing_policy(self.model, model_dir, self.config.routing)
         self.context_len = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
-                             self.config.max_waiting)
+                             self.config.max_waiting, before_forward=self.router.set_token_ids)
         self._router_id = serve.get_replica_context().replica_id.unique_id
         threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
 
@@ -70,9 +71,10 @@ class MoEServer:
         while True:
             time.sleep(REPORT_INTERVAL_S)
             experts, workers = self.router.drain()
+            timings = self.router.timings.drain()
             try:
                 table = ray.get(self.controller.report.remote(self._router_id, self.router.table.version,
-                                                              experts, workers), timeout=10)
+                                                              experts, workers, timings), timeout=10)
             except Exception:
                 log.exception("expert controller unreachable")
                 continue
@@ -114,6 +116,7 @@ class MoEServer:
                 temperature=request.temperature if request.HasField("temperature") else None,
                 top_p=request.top_p if request.HasField("top_p") else None,
                 seed=request.seed if request.HasField("seed") else None, stop=list(request.stop),
+                ignore_eos=request.ignore_eos,
             )
             async for event in self._events(ids, params):
                 yield inference_pb2.GenerateResponse(
@@ -155,6 +158,14 @@ class MoEServer:
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status))}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def routing_policy(model, model_dir: str, routing: RoutingConfig):
+    centroids = None
+    if routing.policy == "kmeans":
+        centroids = load_centroids(centroids_path(model_dir, routing.centroids))
+    return policy_for_model(model, routing.policy, hash_seed=routing.hash_seed,
+                            capacity_factor=routing.capacity_factor, overflow=routing.overflow, centroids=centroids)
 
 
 def build(args: dict) -> serve.Application:

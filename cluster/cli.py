@@ -8,6 +8,8 @@ import threading
 
 from experts.families import ARCHS
 
+POLICIES = ("model", "hash", "balanced", "kmeans")
+
 GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"
 
 
@@ -46,6 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="throughput and latency against transformers and in-process experts")
+    bench.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    bench.add_argument("--streams", type=int, default=32)
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--output-tokens", type=int, default=64)
+    bench.add_argument("--requests-per-stream", type=int, default=1)
+    bench.add_argument("--arrival", choices=["closed", "poisson"], default="closed")
+    bench.add_argument("--rate", type=float, default=0.0, help="requests/s over all streams, with --arrival poisson")
+    bench.add_argument("--workers", type=int, default=4)
+    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    bench.add_argument("--micro-iters", type=int, default=30)
+    bench.add_argument("--no-baselines", action="store_true")
+    bench.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness works")
+    bench.add_argument("--json-out", help="write the JSON report here too")
+    bench.set_defaults(run=_bench)
+
+    cal = commands.add_parser("calibrate", help="fit k-means routing centroids on sample prompts")
+    cal.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    cal.add_argument("--prompts", help="file with one prompt per line (default: built-in samples)")
+    cal.add_argument("--out", help="centroids file (default: beside the checkpoint)")
+    cal.set_defaults(run=_calibrate)
+
+    rep = commands.add_parser("routing-report", help="load balance, fidelity and throughput of each routing policy")
+    rep.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    rep.add_argument("--prompts", help="file with one prompt per line (default: built-in samples)")
+    rep.add_argument("--workers", type=int, default=4)
+    rep.add_argument("--capacity-factor", type=float)
+    rep.add_argument("--policy", action="append", choices=POLICIES, help="repeatable; default: all")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(run=_routing_report)
 
     for name, helptext in [("status", "show nodes, workers, their replicas, memory and tokens per expert"),
                            ("scale", "set replica counts of experts: moecluster scale 3:7=4 0:1=2"),
@@ -121,6 +154,58 @@ def _serve(args) -> int:
     print("shutting down")
     serve.shutdown()
     ray.shutdown()
+    return 0
+
+
+def _prompts(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _calibrate(args) -> int:
+    from cluster.demo_model import default_model_dir
+    from cluster.routing_report import calibrate
+
+    print(calibrate(args.model or str(default_model_dir()), _prompts(args.prompts), args.out))
+    return 0
+
+
+def _routing_report(args) -> int:
+    import json
+
+    from cluster.demo_model import default_model_dir
+    from cluster.routing_report import format_report, routing_report
+
+    if args.capacity_factor is not None and args.capacity_factor <= 0:
+        print(f"error: --capacity-factor must be > 0, got {args.capacity_factor}", file=sys.stderr)
+        return 2
+    report = routing_report(args.model or str(default_model_dir()), _prompts(args.prompts), args.workers,
+                            args.capacity_factor, policies=args.policy or POLICIES)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    from cluster.bench import SMOKE, Workload, bench, print_summary
+    from cluster.demo_model import default_model_dir
+
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    workload = Workload(args.streams, args.prompt_tokens, args.output_tokens, args.requests_per_stream,
+                        args.arrival, args.rate)
+    report = bench(args.model or str(default_model_dir()), workload, args.workers, args.dtype, args.micro_iters,
+                   baselines=not args.no_baselines)
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text)
+    print(text)
+    print_summary(report)
     return 0
 
 

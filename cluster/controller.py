@@ -21,6 +21,7 @@ from cluster.placement import (Plan, PlanError, WorkerSlot, plan_placement, reba
 from cluster.workers import WorkerSlots
 from experts.layout import expert_nbytes, moe_shape
 from router.table import RoutingTable
+from router.timings import merge, per_call_ms
 
 log = logging.getLogger(__name__)
 ROUTER_TTL_S = 5.0
@@ -41,6 +42,7 @@ class ExpertController:
         self.window = TokenWindow(self.config.rebalance.window_s)
         self.worker_rows: Counter = Counter()  # rows per worker since the plan last changed
         self.routers: dict[str, tuple[int, float]] = {}  # router id -> (table version, last report time)
+        self.layer_timings: dict = {}  # summed over every MoE layer call since start
         self._lock = threading.RLock()
         threading.Thread(target=self._watch, name="controller-watch", daemon=True).start()
 
@@ -49,11 +51,13 @@ class ExpertController:
     def routing_table(self) -> RoutingTable:
         return self.table
 
-    def report(self, router: str, version: int, expert_tokens: dict[str, int], worker_rows: dict[int, int]):
+    def report(self, router: str, version: int, expert_tokens: dict[str, int], worker_rows: dict[int, int],
+               timings: dict | None = None):
         """A router's periodic check-in: its load counts in, a newer routing table out (or None)."""
         self.routers[router] = (version, time.monotonic())
         self.window.add(expert_tokens)
         self.worker_rows.update(worker_rows)
+        self.layer_timings = merge(self.layer_timings, timings or {})
         return self.table if self.table.version != version else None
 
     # --- operators ---
@@ -163,6 +167,8 @@ class ExpertController:
             "tokens_per_expert": {f"{l}:{e}": int(t) for (l, e), t in sorted(per_pair.items()) if t},
             "window_s": self.config.rebalance.window_s,
             "projected_worker_tokens": worker_loads(self.plan, self.counts, per_pair),
+            "layer_timings": self.layer_timings,
+            "layer_timings_ms": per_call_ms(self.layer_timings),
         }
 
 

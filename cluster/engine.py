@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -55,8 +56,10 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 64, max_waiting: int = 1024):
+    def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 64, max_waiting: int = 1024,
+                 before_forward=None):
         self.model, self.tokenizer = model, tokenizer
+        self.before_forward = before_forward  # sees each step's input ids (token-keyed routing policies)
         self.context_len, self.max_batch_size = context_len, max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -109,6 +112,8 @@ class Engine:
         self._advance(self._running, logits)
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        if self.before_forward is not None:
+            self.before_forward(ids)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
             logits_to_keep=1,
@@ -142,7 +147,7 @@ class Engine:
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         stop_at = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
         finish = None
-        if token in self.eos_ids or stop_at >= 0:
+        if (token in self.eos_ids and not seq.params.ignore_eos) or stop_at >= 0:
             finish, text = "stop", text[:stop_at] if stop_at >= 0 else text
         elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.context_len:
             finish = "length"

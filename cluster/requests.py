@@ -8,7 +8,7 @@ from cluster.errors import InvalidRequest
 
 def parse_generation(
     *, prompt: str | None, prompt_ids: list[int] | None, max_tokens: int | None, temperature: float | None,
-    top_p: float | None, seed: int | None, stop: list[str] | None, tokenizer, vocab_size: int, context_len: int,
+    top_p: float | None, seed: int | None, stop: list[str] | None, tokenizer, ignore_eos: bool = False, vocab_size: int, context_len: int,
     default_max_tokens: int,
 ) -> tuple[list[int], SamplingParams]:
     ids = list(prompt_ids) if prompt_ids else tokenizer.encode(prompt or "", add_special_tokens=False)
@@ -29,4 +29,4 @@ def parse_generation(
     if not 0 < top_p <= 1:
         raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
     stop = tuple(s for s in (stop or []) if s)
-    return ids, SamplingParams(max_tokens, temperature, top_p, seed, stop)
+    return ids, SamplingParams(max_tokens, temperature, top_p, seed, stop, ignore_eos)

@@ -23,13 +23,15 @@ def is_routed_experts(module: nn.Module) -> bool:
     return hasattr(module, "is_concatenated") and hasattr(module, "num_experts")
 
 
+def experts_paths(model: nn.Module) -> dict[int, str]:
+    """{layer index: module path of its routed experts} for every MoE layer, in layer order."""
+    found = {int(_LAYER.search(name)[1]): name for name, m in model.named_modules() if is_routed_experts(m)}
+    return dict(sorted(found.items()))
+
+
 def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
     """{layer index: routed experts module} for every MoE layer, in layer order."""
-    found = {}
-    for name, module in model.named_modules():
-        if is_routed_experts(module):
-            found[int(_LAYER.search(name)[1])] = module
-    return dict(sorted(found.items()))
+    return {layer: model.get_submodule(path) for layer, path in experts_paths(model).items()}
 
 
 def moe_shape(model_dir) -> dict[int, int]:

@@ -33,9 +33,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             out = self.bank.forward(request.layer, list(request.experts), list(request.counts), hidden)
         except ExpertNotHosted as error:
             context.abort(grpc.StatusCode.NOT_FOUND, f"layer {request.layer}: {error.args[0]}")
-        self.compute_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.compute_s += elapsed
         self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
-        return expert_pb2.ExpertForwardResponse(hidden=to_proto(out.to(hidden.dtype)))
+        return expert_pb2.ExpertForwardResponse(hidden=to_proto(out.to(hidden.dtype)), compute_s=elapsed)
 
 
 def _check_groups(request, shape) -> None:

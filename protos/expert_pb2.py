@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\rmoecluster.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"m\n\x14\x45xpertForwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x05\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x15.moecluster.v1.Tensor\">\n\x15\x45xpertForwardResponse\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.moecluster.v1.Tensor2^\n\x06\x45xpert\x12T\n\x07\x46orward\x12#.moecluster.v1.ExpertForwardRequest\x1a$.moecluster.v1.ExpertForwardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\rmoecluster.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"m\n\x14\x45xpertForwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x05\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x15.moecluster.v1.Tensor\"Q\n\x15\x45xpertForwardResponse\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.moecluster.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x32^\n\x06\x45xpert\x12T\n\x07\x46orward\x12#.moecluster.v1.ExpertForwardRequest\x1a$.moecluster.v1.ExpertForwardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTFORWARDREQUEST']._serialized_start=92
   _globals['_EXPERTFORWARDREQUEST']._serialized_end=201
   _globals['_EXPERTFORWARDRESPONSE']._serialized_start=203
-  _globals['_EXPERTFORWARDRESPONSE']._serialized_end=265
-  _globals['_EXPERT']._serialized_start=267
-  _globals['_EXPERT']._serialized_end=361
+  _globals['_EXPERTFORWARDRESPONSE']._serialized_end=284
+  _globals['_EXPERT']._serialized_start=286
+  _globals['_EXPERT']._serialized_end=380
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,9 @@ class ExpertForwardRequest(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertForwardResponse(_message.Message):
-    __slots__ = ("hidden",)
+    __slots__ = ("hidden", "compute_s")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...

@@ -41,8 +41,8 @@ class ExpertClient:
         with self._lock:
             return dict(self._outstanding)
 
-    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]) -> torch.Tensor:
-        """[S, D] rows in dispatch order -> [S, D] unweighted expert outputs, same order."""
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]):
+        """[S, D] rows in dispatch order -> ([S, D] unweighted expert outputs, same order; slowest worker's compute s)."""
         calls, start = [], 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
@@ -54,9 +54,11 @@ class ExpertClient:
             start = end
         self._track(calls, +1)
         try:
-            return torch.cat([self._result(layer, *call) for call in calls]).to(rows.dtype)
+            replies = [self._result(layer, *call) for call in calls]
         finally:
             self._track(calls, -1)
+        out = torch.cat([from_proto(r.hidden) for r in replies]).to(rows.dtype)
+        return out, max(r.compute_s for r in replies)
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         if address not in self._stubs:
@@ -74,8 +76,8 @@ class ExpertClient:
                 self._outstanding[worker] += sign * n
 
     @staticmethod
-    def _result(layer: int, worker: int, address: str, experts: list[int], _: int, future) -> torch.Tensor:
+    def _result(layer: int, worker: int, address: str, experts: list[int], _: int, future):
         try:
-            return from_proto(future.result().hidden)
+            return future.result()
         except grpc.RpcError as error:
             raise ExpertCallError(worker, address, layer, experts, error.code(), error.details()) from None

@@ -8,14 +8,19 @@ T = tokens, K = experts per token, E = experts, D = hidden
 import functools
 import itertools
 import threading
+import time
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from experts.layout import experts_paths
+
 from router.client import ExpertCallError
 from router.dispatch import combine, gather_rows, plan_dispatch
 from router.replicas import NoReplica, assign_workers
+from router.routing import RoutingPolicy
 from router.table import RoutingTable
+from router.timings import LayerTimings
 
 IMPLEMENTATION = "moecluster"
 
@@ -23,26 +28,39 @@ IMPLEMENTATION = "moecluster"
 class ExpertRouter:
     """Sends each MoE layer's pairs to live replicas; a failed replica's share is retried on the others."""
 
-    def __init__(self, table: RoutingTable, client):
+    def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None):
         self.table, self.client = table, client
+        self.policy = policy or RoutingPolicy()
+        self.token_ids: torch.Tensor | None = None  # [T] of the forward in progress, for token-keyed policies
         self._suspect: set[int] = set()
         self._turns = itertools.count()
         self._last_failure = ""
         self._stats_lock = threading.Lock()
         self.expert_tokens: dict[int, torch.Tensor] = {}  # layer -> [E] pairs routed since the last `drain`
         self.worker_rows: dict[int, int] = {}
+        self.timings = LayerTimings()
 
     def update(self, table: RoutingTable) -> None:
         if table.version != self.table.version:
             self.table, self._suspect = table, set()
 
-    def attach(self, experts_modules: dict) -> None:
-        for layer, module in experts_modules.items():
-            module.remote = functools.partial(self.forward, layer)
+    def attach(self, model) -> None:
+        """Route `model`'s experts modules here, and time its gates."""
+        for layer, path in experts_paths(model).items():
+            model.get_submodule(path).remote = functools.partial(self.forward, layer)
+            block = model.get_submodule(path.rpartition(".")[0])
+            for gate in ("gate", "router"):
+                if isinstance(getattr(block, gate, None), torch.nn.Module):
+                    self.timings.gate_hooks(getattr(block, gate))
+
+    def set_token_ids(self, input_ids: torch.Tensor) -> None:
+        self.token_ids = input_ids.reshape(-1)  # rows of every MoE layer's hidden states, in the same order
 
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, self.token_ids)
         self._count(layer, top_k_index)
         while True:
+            started = time.perf_counter()
             table = self.table
             live = [[w for w in hosts if w not in self._suspect] for hosts in table.replicas[layer]]
             try:
@@ -51,9 +69,10 @@ class ExpertRouter:
                 error.args = (f"{error.args[0]}{self._last_failure}",)
                 raise
             dispatch = plan_dispatch(top_k_index, pair_worker, len(live))
+            rows = gather_rows(hidden, dispatch, top_k_index.shape[-1])
+            sent = time.perf_counter()
             try:
-                out = self.client.forward(layer, dispatch, gather_rows(hidden, dispatch, top_k_index.shape[-1]),
-                                          table.addresses)
+                out, compute_s = self.client.forward(layer, dispatch, rows, table.addresses)
             except ExpertCallError as error:
                 if not error.retryable:
                     raise
@@ -61,7 +80,11 @@ class ExpertRouter:
                 self._last_failure = f" (last replica failed: {error})"
                 continue
             self._count_workers(dispatch)
-            return combine(out, dispatch, top_k_weights).to(hidden.dtype)
+            received = time.perf_counter()
+            combined = combine(out, dispatch, top_k_weights).to(hidden.dtype)
+            self.timings.add(dispatch=sent - started, wait=received - sent - compute_s, expert_compute=compute_s,
+                             combine=time.perf_counter() - received)
+            return combined
 
     def _count(self, layer: int, top_k_index: torch.Tensor) -> None:
         counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self.table.replicas[layer]))

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from cluster.placement import WorkerSlot, plan_placement, replica_counts
 from experts.bank import ExpertBank
 from experts.layout import experts_modules
+from router.local import LocalExperts
 from router.remote import ExpertRouter
 from router.table import RoutingTable
 
@@ -20,22 +21,7 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-class InProcessClient:
-    """ExpertClient's contract with the banks called directly: no gRPC, no Ray."""
-
-    def __init__(self, banks):
-        self.banks = banks
-
-    def outstanding(self):
-        return {}
-
-    def forward(self, layer, dispatch, rows, addresses):
-        outs, start = [], 0
-        for worker, experts, counts in dispatch.per_worker():
-            end = start + sum(counts)
-            outs.append(self.banks[worker].forward(layer, experts, counts, rows[start:end]))
-            start = end
-        return torch.cat(outs)
+InProcessClient = LocalExperts
 
 
 def attach(model, path, num_workers: int, client_factory, replicas: int = 1) -> ExpertRouter:
@@ -47,5 +33,5 @@ def attach(model, path, num_workers: int, client_factory, replicas: int = 1) -> 
     client = client_factory([ExpertBank(path, pairs) for pairs in plan])
     addresses = getattr(client, "addresses", {w: f"bank-{w}" for w in range(num_workers)})
     router = ExpertRouter(RoutingTable.from_plan(0, plan, addresses, shape), client)
-    router.attach(layers)
+    router.attach(model)
     return router

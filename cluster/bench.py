@@ -1,0 +1,299 @@
+"""`moecluster bench`: one workload played, in one run, through moecluster over gRPC, through moecluster's
+engine with the experts in-process, and through transformers' `generate`; plus MoE-layer micro-benchmarks.
+"""
+
+import json
+import os
+import queue
+import random
+import socket
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3)
+
+
+@dataclass(frozen=True)
+class Workload:
+    streams: int = 32
+    prompt_tokens: int = 32
+    output_tokens: int = 64
+    requests_per_stream: int = 1
+    arrival: str = "closed"  # closed: back to back; poisson: exponential think time, mean streams / rate
+    rate: float = 0.0
+    seed: int = 0
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        rng = random.Random(self.seed)
+        count = self.streams * self.requests_per_stream
+        return [[rng.randrange(3, vocab_size) for _ in range(self.prompt_tokens)] for _ in range(count)]
+
+    def think_s(self, rng: random.Random) -> float:
+        return rng.expovariate(self.rate / self.streams) if self.arrival == "poisson" and self.rate > 0 else 0.0
+
+
+# --- load generation ---
+
+
+def closed_loop(workload: Workload, prompts: list[list[int]], request) -> dict:
+    """Each stream sends its requests one after another; `request(ids)` yields token counts as they come."""
+    records, lock = [], threading.Lock()
+
+    def stream(index: int) -> None:
+        rng = random.Random(workload.seed + index)
+        for r in range(workload.requests_per_stream):
+            time.sleep(workload.think_s(rng))
+            sent, arrivals = time.perf_counter(), []
+            for n in request(prompts[index * workload.requests_per_stream + r]):
+                arrivals.append((time.perf_counter() - sent, n))
+            with lock:
+                records.append(arrivals)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(workload.streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(records, time.perf_counter() - started)
+
+
+def summarize(records: list[list[tuple[float, int]]], wall_s: float) -> dict:
+    tokens = sum(n for arrivals in records for _, n in arrivals)
+    ttft = [a[0][0] for a in records if a]
+    tpot = [(a[-1][0] - a[0][0]) / (sum(n for _, n in a) - a[0][1]) for a in records if sum(n for _, n in a) > a[0][1]]
+    return {
+        "requests": len(records), "output_tokens": tokens, "wall_s": wall_s, "output_tokens_per_s": tokens / wall_s,
+        "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
+    }
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None}
+    ordered = sorted(values)
+    return {"p50": 1e3 * statistics.median(ordered), "p99": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+# --- the three systems ---
+
+
+def grpc_requester(target: str, app: str, output_tokens: int):
+    import grpc
+
+    from protos import inference_pb2, inference_pb2_grpc
+
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(target))
+
+    def request(ids):
+        message = inference_pb2.GenerateRequest(prompt_token_ids=ids, max_tokens=output_tokens, temperature=0,
+                                                ignore_eos=True)
+        for reply in stub.Generate(message, timeout=600, metadata=[("application", app)]):
+            yield len(reply.token_ids)
+
+    return request
+
+
+def engine_requester(engine, output_tokens: int):
+    from cluster.engine import SamplingParams, Sequence
+
+    def request(ids):
+        events = queue.Queue()
+        engine.submit(Sequence(ids, SamplingParams(output_tokens, ignore_eos=True), events.put))
+        while True:
+            event = events.get(timeout=600)
+            if event.error:
+                raise event.error
+            yield len(event.token_ids)
+            if event.finish_reason:
+                return
+
+    return request
+
+
+def run_transformers(model_dir: str, workload: Workload, prompts: list[list[int]], threads: int) -> dict:
+    """transformers' generate on one static batch of all the prompts (left-padded), in this process."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False)  # warm-up
+    started = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=workload.output_tokens,
+                         min_new_tokens=workload.output_tokens, do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - started
+    tokens = (out.shape[1] - width) * len(prompts)
+    return {"requests": len(prompts), "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall}
+
+
+def run_inprocess(model_dir: str, workload: Workload, prompts: list[list[int]], threads: int, dtype: str) -> dict:
+    """moecluster's engine with every expert in this process: no Ray actors, no gRPC."""
+    from transformers import AutoTokenizer
+
+    from cluster.engine import Engine
+    from router.local import attach_local_experts
+    from router.model import load_dense_model
+
+    torch.set_num_threads(threads)
+    model = load_dense_model(model_dir, dtype)
+    attach_local_experts(model, model_dir, None if dtype == "auto" else getattr(torch, dtype))
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), model.config.max_position_embeddings)
+    request = engine_requester(engine, workload.output_tokens)
+    list(request(prompts[0][:4]))  # warm-up
+    return closed_loop(workload, prompts, request)
+
+
+def run_distributed(model_dir: str, workload: Workload, prompts, workers: int, dtype: str, micro: dict | None):
+    """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from cluster import ops
+    from cluster.app import build
+    from cluster.cli import GRPC_SERVICER
+    from router.timings import PHASES, per_call_ms
+
+    port = _free_port()
+    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False, log_to_driver=False,
+             namespace="moecluster")
+    try:
+        serve.start(http_options={"port": _free_port()},
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
+        serve.run(build({"model": model_dir, "num_workers": workers, "dtype": dtype}), name="bench", route_prefix="/bench")
+        request = grpc_requester(f"127.0.0.1:{port}", "bench", workload.output_tokens)
+        list(request(prompts[0][:4]))  # warm-up
+        time.sleep(0.5)
+        before = ops.status("bench")["layer_timings"]
+        result = closed_loop(workload, prompts, request)
+        time.sleep(0.5)  # the routers' last check-in
+        after = ops.status("bench")["layer_timings"]
+        result["moe_layer_ms"] = per_call_ms({k: after.get(k, 0) - before.get(k, 0) for k in ("calls", *PHASES)})
+        if micro is not None:
+            result["micro"] = run_micro(model_dir, "bench", dtype, **micro)
+        return result
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# --- micro-benchmarks ---
+
+
+def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_counts=(32, 2048)) -> dict:
+    """One MoE layer round trip (router -> workers -> router) against the same expert math in-process, and
+    the expert GEMM's GFLOP/s against a bare matmul of the same shapes."""
+    import ray
+
+    from cluster.controller import controller_name
+    from cluster.workers import NAMESPACE
+    from experts.bank import ExpertBank
+    from experts.layout import moe_shape
+    from router.client import ExpertClient
+    from router.local import LocalExperts
+    from router.remote import ExpertRouter
+
+    table = ray.get(ray.get_actor(controller_name(app), namespace=NAMESPACE).routing_table.remote())
+    layer, experts = next(iter(moe_shape(model_dir).items()))
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    bank = ExpertBank(model_dir, [(layer, e) for e in range(experts)], torch_dtype)
+    remote = ExpertRouter(table, ExpertClient(timeout_s=60))
+    local = ExpertRouter(_single_worker_table(table), LocalExperts([bank]))
+    hidden_size = _hidden_size(bank, layer)
+    out = {}
+    for tokens in token_counts:
+        hidden = torch.randn(tokens, hidden_size, dtype=bank.dtype)
+        index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
+        weights = torch.full((tokens, 2), 0.5, dtype=bank.dtype)
+        times = {name: _time(lambda r=r: r.forward(layer, hidden, index, weights), iters)
+                 for name, r in (("distributed", remote), ("in_process", local))}
+        out[f"moe_layer_{tokens}_tokens_ms"] = {**times, "overhead_ms": times["distributed"] - times["in_process"]}
+    out["expert_gemm"] = [gemm_efficiency(bank, layer, t, iters) for t in (256, 1024)]
+    return out
+
+
+def gemm_efficiency(bank, layer: int, tokens: int, iters: int) -> dict:
+    module = bank.layers[layer].module
+    gate_up, down = module.gate_up_proj[0], module.down_proj[0]
+    if module.is_transposed:
+        gate_up, down = gate_up.T, down.T
+    x = torch.randn(tokens, gate_up.shape[1], dtype=bank.dtype)
+    h = torch.randn(tokens, down.shape[1], dtype=bank.dtype)
+    flops = 2 * tokens * gate_up.numel() + 2 * tokens * down.numel()
+    expert = _time(lambda: bank.forward(layer, [bank.layers[layer].experts[0]], [tokens], x), iters)
+    bare = _time(lambda: (torch.mm(x, gate_up.T), torch.mm(h, down.T)), iters)
+    return {"tokens": tokens, "expert_gflops": flops / expert / 1e6, "bare_matmul_gflops": flops / bare / 1e6,
+            "ratio": bare / expert}
+
+
+def _single_worker_table(table):
+    from router.table import RoutingTable
+
+    return RoutingTable(0, {0: "local"}, {layer: [[0] for _ in hosts] for layer, hosts in table.replicas.items()})
+
+
+def _hidden_size(bank, layer: int) -> int:
+    module = bank.layers[layer].module
+    return module.gate_up_proj.shape[1] if module.is_transposed else module.gate_up_proj.shape[2]
+
+
+def _time(fn, iters: int) -> float:
+    """Median milliseconds of `fn` over `iters` runs, after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn()
+        samples.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(samples)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the whole run ---
+
+
+def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float32", micro_iters: int = 30,
+          baselines: bool = True) -> dict:
+    from transformers import AutoConfig
+
+    threads = os.cpu_count() or 1
+    prompts = workload.prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
+    report = {"model": model_dir, "workload": asdict(workload), "workers": workers, "threads": threads,
+              "dtype": dtype}
+    report["moecluster"] = run_distributed(model_dir, workload, prompts, workers, dtype, {"iters": micro_iters})
+    if baselines:
+        report["inprocess"] = run_inprocess(model_dir, workload, prompts, threads, dtype)
+        report["transformers"] = run_transformers(model_dir, workload, prompts, threads)
+        ours = report["moecluster"]["output_tokens_per_s"]
+        report["ratios"] = {
+            "vs_transformers": ours / report["transformers"]["output_tokens_per_s"],
+            "vs_inprocess": ours / report["inprocess"]["output_tokens_per_s"],
+        }
+    return report
+
+
+def print_summary(report: dict) -> None:
+    ours = report["moecluster"]
+    print(f"moecluster  {ours['output_tokens_per_s']:8.1f} tok/s  TTFT p50 {ours['ttft_ms']['p50']:.1f} ms "
+          f"p99 {ours['ttft_ms']['p99']:.1f} ms  TPOT p50 {ours['tpot_ms']['p50']:.1f} ms p99 {ours['tpot_ms']['p99']:.1f} ms")
+    print("MoE layer ms per call: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["moe_layer_ms"].items()))
+    for name in ("inprocess", "transformers"):
+        if name in report:
+            print(f"{name:<11} {report[name]['output_tokens_per_s']:8.1f} tok/s")
+    if "ratios" in report:
+        r = report["ratios"]
+        print(f"ratios: {r['vs_transformers']:.2f}x transformers generate, {r['vs_inprocess']:.2f}x in-process engine")
+    for key, value in ours.get("micro", {}).items():
+        print(f"{key}: {json.dumps(value)}")

@@ -1,0 +1,43 @@
+"""Experts computed in the router's own process: the same dispatch and math, no Ray and no gRPC.
+
+It measures what distribution costs (benchmarks) and stands in for the workers in tests.
+"""
+
+import time
+
+import torch
+
+from experts.bank import ExpertBank
+from experts.layout import experts_modules
+from router.dispatch import Dispatch
+from router.remote import ExpertRouter
+from router.table import RoutingTable
+
+
+class LocalExperts:
+    """ExpertClient's contract, served by ExpertBanks in this process."""
+
+    def __init__(self, banks: list[ExpertBank]):
+        self.banks = banks
+
+    def outstanding(self) -> dict[int, int]:
+        return {}
+
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses):
+        started, outs, start = time.perf_counter(), [], 0
+        for worker, experts, counts in dispatch.per_worker():
+            end = start + sum(counts)
+            outs.append(self.banks[worker].forward(layer, experts, counts, rows[start:end]))
+            start = end
+        return torch.cat(outs), time.perf_counter() - started
+
+
+def attach_local_experts(model, model_dir, dtype=None) -> ExpertRouter:
+    """Host every routed expert of `model` in this process, in one bank, and route to it."""
+    layers = experts_modules(model)
+    shape = {layer: m.num_experts for layer, m in layers.items()}
+    plan = [[(layer, e) for layer, n in shape.items() for e in range(n)]]
+    router = ExpertRouter(RoutingTable.from_plan(0, plan, {0: "local"}, shape),
+                          LocalExperts([ExpertBank(model_dir, plan[0], dtype)]))
+    router.attach(model)
+    return router

@@ -1,0 +1,117 @@
+"""values.schema.json: its `serve` part is ServeConfig's own schema, the generated files are current, and bad
+values fail in helm with the schema's message."""
+
+import json
+
+import pytest
+import yaml
+
+from cluster.config import ServeConfig
+
+
+def test_serve_schema_is_generated_from_serveconfig(generator):
+    committed = generator.SCHEMA.read_text()
+    assert committed == generator.render_schema(json.loads(committed)), (
+        "values.schema.json's `serve` differs from ServeConfig.model_json_schema(): "
+        "run python helm/moecluster/hack/generate.py")
+    serve = json.loads(committed)["properties"]["serve"]
+    assert set(serve["properties"]) == set(ServeConfig.model_fields)
+    assert serve["additionalProperties"] is False
+
+
+def test_readme_tables_are_current(generator):
+    assert generator.README.read_text() == generator.render_readme(generator.README.read_text()), (
+        "helm/moecluster/README.md's generated tables are stale: run python helm/moecluster/hack/generate.py")
+
+
+def test_every_value_carries_a_doc_comment(generator):
+    documented = generator.documented_values(generator.VALUES.read_text())  # raises naming any undocumented value
+    assert all(description for _, description in documented)
+
+
+def test_serve_defaults_are_serveconfig_defaults(generator):
+    """values.yaml lists ServeConfig fields with ServeConfig's own defaults: the chart changes nothing by default."""
+    serve = yaml.safe_load(generator.VALUES.read_text())["serve"]
+    defaults = ServeConfig().model_dump()
+
+    def check(values: dict, expected: dict, prefix: str):
+        for key, value in values.items():
+            assert key in expected, f"serve.{prefix}{key} is not a ServeConfig field"
+            if isinstance(value, dict) and value:
+                check(value, expected[key], f"{prefix}{key}.")
+            else:
+                assert value == expected[key], f"serve.{prefix}{key}: {value!r} in values.yaml, ServeConfig says " \
+                                               f"{expected[key]!r}"
+
+    check(serve, defaults, "")
+
+
+def test_the_values_files_validate_as_json_schema(generator, chart):
+    import jsonschema
+
+    schema = json.loads(generator.SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load(generator.VALUES.read_text())
+    jsonschema.validate(defaults, schema)
+    ci = yaml.safe_load(chart.CI_VALUES.read_text())
+    merged = {**defaults, **ci, "expertGroups": {k: v for k, v in ci["expertGroups"].items() if v is not None}}
+    jsonschema.validate(merged, schema)
+
+
+# Bad values, and what helm says about them: the path of the value and the schema's reason.
+BAD = {
+    "string replica count": (
+        {"set_strings": ["expertGroups.experts.replicas=3"]},
+        ["at '/expertGroups/experts/replicas'", "got string, want integer"]),
+    "string expert replica count in serve": (
+        {"set_strings": ["serve.expert_replicas.3:7=2"]},
+        ["at '/serve/expert_replicas/3:7'", "got string, want integer"]),
+    "negative GPU count": (
+        {"sets": ["expertGroups.experts.gpus=-1"]},
+        ["at '/expertGroups/experts/gpus'", "minimum: got -1, want 0"]),
+    "unknown top-level key": (
+        {"sets": ["replicas=3"]},
+        ["at ''", "additional properties 'replicas' not allowed"]),
+    "unknown key in an expert group": (
+        {"sets": ["expertGroups.experts.gpu=1"]},
+        ["at '/expertGroups/experts'", "additional properties 'gpu' not allowed"]),
+    "unknown ServeConfig field": (
+        {"sets": ["serve.num_worker=4"]},
+        ["at '/serve'", "additional properties 'num_worker' not allowed"]),
+    "fraction given with --set (a string to helm)": (
+        {"sets": ["serve.worker_gpus=0.5"]},
+        ["at '/serve/worker_gpus'", "got string, want number"]),
+    "ServeConfig range": (
+        {"sets": ["serve.num_workers=0"]},
+        ["at '/serve/num_workers'", "minimum: got 0, want 1"]),
+    "ServeConfig enum": (
+        {"sets": ["serve.routing.policy=random"]},
+        ["at '/serve/routing/policy'", "value must be one of 'model', 'hash', 'balanced', 'kmeans'"]),
+    "unquoted ray start param": (
+        {"sets": ["head.rayStartParams.num-cpus=1"]},
+        ["at '/head/rayStartParams/num-cpus'", "got number, want string"]),
+    "group name that is not a DNS label": (
+        {"sets": ["expertGroups.H100_big.replicas=1", "expertGroups.H100_big.minReplicas=1",
+                  "expertGroups.H100_big.maxReplicas=1"]},
+        ["invalid propertyName 'H100_big'", "'H100_big' does not match pattern"]),
+    "group without replicas": (
+        {"sets": ["expertGroups.l4.gpus=1"]},
+        ["at '/expertGroups/l4'", "missing properties 'replicas', 'minReplicas', 'maxReplicas'"]),
+    "unknown storage type": (
+        {"sets": ["modelStorage.type=s3"]},
+        ["at '/modelStorage/type'", "value must be one of 'demo', 'pvc', 'hostPath', 'download'"]),
+    "download without a repository": (
+        {"sets": ["modelStorage.type=download"]},
+        ["at '/modelStorage/download/repoId'", "does not match pattern"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_values_fail_with_the_schema_message(case, render, lint, chart):
+    values, messages = BAD[case]
+    for command in (render, lint):
+        with pytest.raises(chart.HelmError) as error:
+            command(**values)
+        text = str(error.value)
+        for message in messages:
+            assert message in text, text

@@ -1,0 +1,253 @@
+"""One assertion per value, as KubeRay's chart tests do: set the value, find where it lands in what the chart renders.
+
+Every documented value of values.yaml has a case here (test_every_value_has_a_case checks it).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+RELEASE = "moe"  # conftest.RELEASE
+
+
+def rayservice(objs):
+    return next(o for o in objs if o["kind"] == "RayService")
+
+
+def cluster(objs):
+    return rayservice(objs)["spec"]["rayClusterConfig"]
+
+
+def head(objs):
+    return cluster(objs)["headGroupSpec"]
+
+
+def head_pod(objs):
+    return head(objs)["template"]["spec"]
+
+
+def head_container(objs):
+    return head_pod(objs)["containers"][0]
+
+
+def group(objs, name="experts"):
+    return next(g for g in cluster(objs)["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def worker_pod(objs):
+    return group(objs)["template"]["spec"]
+
+
+def worker_container(objs):
+    return worker_pod(objs)["containers"][0]
+
+
+def init_container(objs):
+    (init,) = worker_pod(objs)["initContainers"]
+    return init
+
+
+def model_volume(objs):
+    return next(v for v in worker_pod(objs)["volumes"] if v["name"] == "model")
+
+
+def model_mount(objs):
+    return next(m for m in worker_container(objs)["volumeMounts"] if m["name"] == "model")
+
+
+def args(objs):
+    import yaml
+
+    return yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+def kind(objs, kind_name, suffix=""):
+    found = [o for o in objs if o["kind"] == kind_name and o["metadata"]["name"].endswith(suffix)]
+    return found[0] if found else None
+
+
+def pvc(objs):
+    return kind(objs, "PersistentVolumeClaim")
+
+
+def service(suffix):
+    return lambda objs: kind(objs, "Service", suffix)
+
+
+@dataclass
+class Case:
+    key: str  # the value it covers, as a dotted path in values.yaml
+    sets: list[str]
+    get: Callable[[list[dict]], Any]
+    expected: Any
+    set_strings: list[str] = field(default_factory=list)
+    set_jsons: list[str] = field(default_factory=list)
+
+
+PVC = ["modelStorage.type=pvc"]
+DOWNLOAD = ["modelStorage.type=download", "modelStorage.download.repoId=org/model"]
+AFFINITY = '{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":' \
+           '[{"matchExpressions":[{"key":"pool","operator":"In","values":["gpu"]}]}]}}}'
+
+CASES = [
+    Case("nameOverride", ["nameOverride=llm"], lambda o: rayservice(o)["metadata"]["name"], f"{RELEASE}-llm"),
+    Case("fullnameOverride", ["fullnameOverride=serving"], lambda o: service("-grpc")(o)["metadata"]["name"],
+         "serving-grpc"),
+    Case("image.repository", ["image.repository=reg.example.com/moecluster"], lambda o: head_container(o)["image"],
+         "reg.example.com/moecluster:0.1.0"),
+    Case("image.tag", ["image.tag=0.2.0-gpu"], lambda o: worker_container(o)["image"], "moecluster:0.2.0-gpu"),
+    Case("image.pullPolicy", ["image.pullPolicy=Always"], lambda o: worker_container(o)["imagePullPolicy"], "Always"),
+    Case("imagePullSecrets", ["imagePullSecrets[0].name=regcred"], lambda o: worker_pod(o)["imagePullSecrets"],
+         [{"name": "regcred"}]),
+    Case("rayVersion", ["rayVersion=2.60.1"], lambda o: cluster(o)["rayVersion"], "2.60.1"),
+    Case("serviceAccountName", ["serviceAccountName=moe-sa"], lambda o: worker_pod(o)["serviceAccountName"],
+         "moe-sa"),
+    Case("env", ["env[0].name=RAY_DEDUP_LOGS"], lambda o: head_container(o)["env"],
+         [{"name": "RAY_DEDUP_LOGS", "value": "0"}], set_strings=["env[0].value=0"]),
+    Case("podSecurityContext", ["podSecurityContext.fsGroup=2000"], lambda o: worker_pod(o)["securityContext"]["fsGroup"],
+         2000),
+    Case("securityContext", ["securityContext.readOnlyRootFilesystem=true"],
+         lambda o: head_container(o)["securityContext"]["readOnlyRootFilesystem"], True),
+    # serve: ServeConfig fields, into the application's args
+    Case("serve.model_name", ["serve.model_name=qwen3"], lambda o: args(o)["model_name"], "qwen3"),
+    Case("serve.dtype", ["serve.dtype=bfloat16"], lambda o: args(o)["dtype"], "bfloat16"),
+    Case("serve.num_workers", ["serve.num_workers=6"], lambda o: args(o)["num_workers"], 6),
+    # helm's --set reads 2.5 as a string: fractions go through --set-json
+    Case("serve.worker_cpus", [], lambda o: args(o)["worker_cpus"], 2.5, set_jsons=["serve.worker_cpus=2.5"]),
+    Case("serve.worker_gpus", [], lambda o: args(o)["worker_gpus"], 0.5, set_jsons=["serve.worker_gpus=0.5"]),
+    Case("serve.expert_replicas", ["serve.expert_replicas.3:7=2"], lambda o: args(o)["expert_replicas"], {"3:7": 2}),
+    Case("serve.routing.policy", ["serve.routing.policy=hash"], lambda o: args(o)["routing"]["policy"], "hash"),
+    Case("serve.routing.overflow", ["serve.routing.overflow=drop"], lambda o: args(o)["routing"]["overflow"], "drop"),
+    Case("serve.routing.hash_seed", ["serve.routing.hash_seed=9"], lambda o: args(o)["routing"]["hash_seed"], 9),
+    Case("serve.rebalance.enabled", ["serve.rebalance.enabled=true"], lambda o: args(o)["rebalance"]["enabled"], True),
+    Case("serve.rebalance.interval_s", ["serve.rebalance.interval_s=15"],
+         lambda o: args(o)["rebalance"]["interval_s"], 15),
+    Case("serve.rebalance.window_s", ["serve.rebalance.window_s=30"], lambda o: args(o)["rebalance"]["window_s"], 30),
+    Case("serve.expert_timeout_s", ["serve.expert_timeout_s=5"], lambda o: args(o)["expert_timeout_s"], 5),
+    Case("serve.startup_timeout_s", ["serve.startup_timeout_s=900"], lambda o: args(o)["startup_timeout_s"], 900),
+    Case("serve.max_batch_size", ["serve.max_batch_size=8"], lambda o: args(o)["max_batch_size"], 8),
+    Case("serve.max_waiting", ["serve.max_waiting=10"], lambda o: args(o)["max_waiting"], 10),
+    Case("serve.default_max_tokens", ["serve.default_max_tokens=64"], lambda o: args(o)["default_max_tokens"], 64),
+    Case("serve.model", ["serve.model=/models/checkpoint/v2"], lambda o: args(o)["model"], "/models/checkpoint/v2"),
+    Case("serve.routing.capacity_factor", [], lambda o: args(o)["routing"]["capacity_factor"], 1.5,
+         set_jsons=["serve.routing.capacity_factor=1.5"]),
+    # modelStorage
+    Case("modelStorage.type", ["modelStorage.type=hostPath"], lambda o: "hostPath" in model_volume(o), True),
+    Case("modelStorage.mountPath", ["modelStorage.mountPath=/srv/model"], lambda o: model_mount(o)["mountPath"],
+         "/srv/model"),
+    Case("modelStorage.mountPath", ["modelStorage.mountPath=/srv/model"], lambda o: args(o)["model"], "/srv/model"),
+    Case("modelStorage.demo.arch", ["modelStorage.demo.arch=olmoe"], lambda o: init_container(o)["command"][:5],
+         ["moecluster", "init-model", "/models/checkpoint", "--arch", "olmoe"]),
+    Case("modelStorage.demo.seed", ["modelStorage.demo.seed=3"], lambda o: init_container(o)["command"][-2:],
+         ["--seed", "3"]),
+    Case("modelStorage.pvc.existingClaim", PVC + ["modelStorage.pvc.existingClaim=qwen3"],
+         lambda o: model_volume(o)["persistentVolumeClaim"], {"claimName": "qwen3", "readOnly": True}),
+    Case("modelStorage.pvc.create", PVC + ["modelStorage.pvc.create=true"],
+         lambda o: (pvc(o)["metadata"]["name"], model_volume(o)["persistentVolumeClaim"]["claimName"]),
+         (f"{RELEASE}-moecluster-models", f"{RELEASE}-moecluster-models")),
+    Case("modelStorage.pvc.subPath", PVC + ["modelStorage.pvc.existingClaim=all", "modelStorage.pvc.subPath=qwen3"],
+         lambda o: model_mount(o)["subPath"], "qwen3"),
+    Case("modelStorage.pvc.accessModes", PVC + ["modelStorage.pvc.create=true", "modelStorage.pvc.accessModes={ReadOnlyMany}"],
+         lambda o: pvc(o)["spec"]["accessModes"], ["ReadOnlyMany"]),
+    Case("modelStorage.pvc.size", PVC + ["modelStorage.pvc.create=true", "modelStorage.pvc.size=1Ti"],
+         lambda o: pvc(o)["spec"]["resources"]["requests"]["storage"], "1Ti"),
+    Case("modelStorage.pvc.storageClassName", PVC + ["modelStorage.pvc.create=true", "modelStorage.pvc.storageClassName=nfs"],
+         lambda o: pvc(o)["spec"]["storageClassName"], "nfs"),
+    Case("modelStorage.hostPath.path", ["modelStorage.type=hostPath", "modelStorage.hostPath.path=/data/qwen3"],
+         lambda o: model_volume(o)["hostPath"]["path"], "/data/qwen3"),
+    Case("modelStorage.hostPath.type", ["modelStorage.type=hostPath", "modelStorage.hostPath.type=DirectoryOrCreate"],
+         lambda o: model_volume(o)["hostPath"]["type"], "DirectoryOrCreate"),
+    Case("modelStorage.download.repoId", DOWNLOAD, lambda o: init_container(o)["command"][3], "org/model"),
+    Case("modelStorage.download.revision", DOWNLOAD + ["modelStorage.download.revision=v1.0"],
+         lambda o: init_container(o)["command"][4], "v1.0"),
+    Case("modelStorage.download.env", DOWNLOAD + ["modelStorage.download.env[0].name=HF_TOKEN",
+                                                  "modelStorage.download.env[0].value=secret"],
+         lambda o: init_container(o)["env"][-1], {"name": "HF_TOKEN", "value": "secret"}),
+    Case("modelStorage.download.sizeLimit", DOWNLOAD + ["modelStorage.download.sizeLimit=5Gi"],
+         lambda o: model_volume(o)["emptyDir"]["sizeLimit"], "5Gi"),
+    Case("modelStorage.download.resources", DOWNLOAD + ["modelStorage.download.resources.limits.memory=4Gi"],
+         lambda o: init_container(o)["resources"], {"limits": {"memory": "4Gi"}}),
+    # head
+    Case("head.rayStartParams", [], lambda o: head(o)["rayStartParams"]["num-cpus"], "2",
+         set_strings=["head.rayStartParams.num-cpus=2"]),
+    Case("head.resources", ["head.resources.limits.memory=16Gi"],
+         lambda o: head_container(o)["resources"]["limits"]["memory"], "16Gi"),
+    Case("head.nodeSelector", ["head.nodeSelector.pool=cpu"], lambda o: head_pod(o)["nodeSelector"], {"pool": "cpu"}),
+    Case("head.tolerations", ["head.tolerations[0].key=dedicated", "head.tolerations[0].operator=Exists"],
+         lambda o: head_pod(o)["tolerations"], [{"key": "dedicated", "operator": "Exists"}]),
+    Case("head.affinity", [], lambda o: head_pod(o)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+         ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"], ["gpu"], set_jsons=[f"head.affinity={AFFINITY}"]),
+    Case("head.labels", ["head.labels.team=ml"], lambda o: head(o)["template"]["metadata"]["labels"]["team"], "ml"),
+    Case("head.annotations", ["head.annotations.owner=ml"],
+         lambda o: head(o)["template"]["metadata"]["annotations"], {"owner": "ml"}),
+    # an expert group
+    Case("expertGroups.experts.replicas", ["expertGroups.experts.replicas=3", "expertGroups.experts.maxReplicas=4"],
+         lambda o: group(o)["replicas"], 3),
+    Case("expertGroups.experts.minReplicas", ["expertGroups.experts.minReplicas=1"],
+         lambda o: group(o)["minReplicas"], 1),
+    Case("expertGroups.experts.maxReplicas", ["expertGroups.experts.maxReplicas=8"],
+         lambda o: group(o)["maxReplicas"], 8),
+    Case("expertGroups.experts.gpus", ["expertGroups.experts.gpus=2"],
+         lambda o: worker_container(o)["resources"]["limits"]["nvidia.com/gpu"], 2),
+    Case("expertGroups.experts.gpuResourceName", ["expertGroups.experts.gpus=1", "expertGroups.experts.gpuResourceName=amd.com/gpu"],
+         lambda o: worker_container(o)["resources"]["limits"].get("amd.com/gpu"), 1),
+    Case("expertGroups.experts.rayStartParams", [], lambda o: group(o)["rayStartParams"], {"num-gpus": "1"},
+         set_strings=["expertGroups.experts.rayStartParams.num-gpus=1"]),
+    Case("expertGroups.experts.resources", ["expertGroups.experts.resources.limits.cpu=6"],
+         lambda o: worker_container(o)["resources"]["limits"]["cpu"], 6),
+    Case("expertGroups.experts.nodeSelector", ["expertGroups.experts.nodeSelector.pool=gpu"],
+         lambda o: worker_pod(o)["nodeSelector"], {"pool": "gpu"}),
+    Case("expertGroups.experts.tolerations", ["expertGroups.experts.tolerations[0].key=nvidia.com/gpu",
+                                              "expertGroups.experts.tolerations[0].effect=NoSchedule"],
+         lambda o: worker_pod(o)["tolerations"], [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]),
+    Case("expertGroups.experts.affinity", [], lambda o: worker_pod(o)["affinity"]["nodeAffinity"]
+         ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0]["key"],
+         "pool", set_jsons=[f"expertGroups.experts.affinity={AFFINITY}"]),
+    Case("expertGroups.experts.labels", ["expertGroups.experts.labels.tier=spot"],
+         lambda o: group(o)["template"]["metadata"]["labels"]["tier"], "spot"),
+    Case("expertGroups.experts.annotations", ["expertGroups.experts.annotations.owner=ml"],
+         lambda o: group(o)["template"]["metadata"]["annotations"], {"owner": "ml"}),
+    Case("expertGroups", ["expertGroups.h100.replicas=1", "expertGroups.h100.minReplicas=0",
+                          "expertGroups.h100.maxReplicas=2", "expertGroups.h100.gpus=8"],
+         lambda o: (group(o, "h100")["template"]["metadata"]["labels"]["moecluster.io/expert-group"],
+                    group(o, "h100")["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]),
+         ("h100", 8)),
+    # autoscaling, TLS
+    Case("autoscaling.enabled", ["autoscaling.enabled=true"], lambda o: cluster(o)["enableInTreeAutoscaling"], True),
+    Case("autoscaling.options", ["autoscaling.enabled=true", "autoscaling.options.idleTimeoutSeconds=120"],
+         lambda o: cluster(o)["autoscalerOptions"], {"idleTimeoutSeconds": 120}),
+    Case("tls.enabled", ["tls.enabled=true"], lambda o: cluster(o)["tlsOptions"], {"enabled": True}),
+    # Services
+    Case("service.http.enabled", ["service.http.enabled=false"], service("-http"), None),
+    Case("service.http.type", ["service.http.type=LoadBalancer"], lambda o: service("-http")(o)["spec"]["type"],
+         "LoadBalancer"),
+    Case("service.http.port", ["service.http.port=80"], lambda o: service("-http")(o)["spec"]["ports"][0]["port"], 80),
+    Case("service.http.annotations", ["service.http.annotations.owner=ml"],
+         lambda o: service("-http")(o)["metadata"]["annotations"], {"owner": "ml"}),
+    Case("service.grpc.enabled", ["service.grpc.enabled=false"], service("-grpc"), None),
+    Case("service.grpc.type", ["service.grpc.type=NodePort"], lambda o: service("-grpc")(o)["spec"]["type"], "NodePort"),
+    Case("service.grpc.port", ["service.grpc.port=443"], lambda o: service("-grpc")(o)["spec"]["ports"][0]["port"], 443),
+    Case("service.grpc.annotations", ["service.grpc.annotations.owner=ml"],
+         lambda o: service("-grpc")(o)["metadata"]["annotations"], {"owner": "ml"}),
+    # monitoring
+    Case("serviceMonitor.enabled", ["serviceMonitor.enabled=true"],
+         lambda o: kind(o, "ServiceMonitor")["metadata"]["name"], f"{RELEASE}-moecluster"),
+    Case("serviceMonitor.interval", ["serviceMonitor.enabled=true", "serviceMonitor.interval=10s"],
+         lambda o: kind(o, "ServiceMonitor")["spec"]["endpoints"][0]["interval"], "10s"),
+    Case("serviceMonitor.labels", ["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"],
+         lambda o: kind(o, "ServiceMonitor")["metadata"]["labels"]["release"], "prom"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.key}={(c.sets + c.set_strings + c.set_jsons)[-1]}" for c in CASES])
+def test_value_lands(case, render):
+    objects = render(sets=case.sets, set_strings=case.set_strings, set_jsons=case.set_jsons)
+    assert case.get(objects) == case.expected
+
+
+def test_every_value_has_a_case(generator):
+    documented = {key for key, _ in generator.documented_values(generator.VALUES.read_text())}
+    covered = {case.key for case in CASES}
+    assert documented - covered == set()
