@@ -16,11 +16,11 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from cluster.config import RoutingConfig, ServeConfig
+from cluster.controller import start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine import Engine, Event, Sequence
 from cluster.errors import ServingError
 from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
-from cluster.controller import start_controller
 from cluster.requests import parse_generation
 from protos import inference_pb2
 from router.client import ExpertClient
@@ -41,6 +41,14 @@ async def _bad_body(request: Request, error: RequestValidationError):
 @api.exception_handler(ServingError)
 async def _serving_error(request: Request, error: ServingError):
     return JSONResponse(error_body(str(error), error.http_status), status_code=error.http_status)
+
+
+def routing_policy(model, model_dir: str, routing: RoutingConfig):
+    centroids = None
+    if routing.policy == "kmeans":
+        centroids = load_centroids(centroids_path(model_dir, routing.centroids))
+    return policy_for_model(model, routing.policy, hash_seed=routing.hash_seed,
+                            capacity_factor=routing.capacity_factor, overflow=routing.overflow, centroids=centroids)
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1})
@@ -158,14 +166,6 @@ class MoEServer:
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status))}\n\n"
         yield "data: [DONE]\n\n"
-
-
-def routing_policy(model, model_dir: str, routing: RoutingConfig):
-    centroids = None
-    if routing.policy == "kmeans":
-        centroids = load_centroids(centroids_path(model_dir, routing.centroids))
-    return policy_for_model(model, routing.policy, hash_seed=routing.hash_seed,
-                            capacity_factor=routing.capacity_factor, overflow=routing.overflow, centroids=centroids)
 
 
 def build(args: dict) -> serve.Application:

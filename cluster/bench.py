@@ -212,7 +212,7 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
         hidden = torch.randn(tokens, hidden_size, dtype=bank.dtype)
         index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
         weights = torch.full((tokens, 2), 0.5, dtype=bank.dtype)
-        times = {name: _time(lambda r=r: r.forward(layer, hidden, index, weights), iters)
+        times = {name: _time(lambda r=r, h=hidden, i=index, w=weights: r.forward(layer, h, i, w), iters)
                  for name, r in (("distributed", remote), ("in_process", local))}
         out[f"moe_layer_{tokens}_tokens_ms"] = {**times, "overhead_ms": times["distributed"] - times["in_process"]}
     out["expert_gemm"] = [gemm_efficiency(bank, layer, t, iters) for t in (256, 1024)]

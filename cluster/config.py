@@ -1,11 +1,11 @@
 """The serving config: one schema for the CLI, the Python API and the Helm chart's serveConfigV2."""
 
-import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-_PAIR = re.compile(r"^(\d+):(\d+)$")
+ExpertKey = Annotated[str, Field(pattern=r"^\d+:\d+$", description='"layer:expert", e.g. "3:7"')]
+ReplicaCount = Annotated[int, Field(ge=1)]
 
 
 class _Strict(BaseModel):
@@ -53,8 +53,9 @@ class ServeConfig(_Strict):
     worker_threads: int | None = Field(None, ge=1, description="Torch threads per worker; unset shares the node's cores.")
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
     default_replicas: int = Field(1, ge=1, description="Replicas of every expert not listed in expert_replicas.")
-    expert_replicas: dict[str, int] = Field(
-        default_factory=dict, description='Replicas of individual experts, as {"layer:expert": count}; others get 1.'
+    expert_replicas: dict[ExpertKey, ReplicaCount] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False},
+        description='Replicas of individual experts, as {"layer:expert": count}; others get default_replicas.',
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
@@ -63,16 +64,6 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together in one step.")
     max_waiting: int = Field(1024, ge=1, description="Requests queued for a batch slot before RESOURCE_EXHAUSTED.")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
-
-    @field_validator("expert_replicas")
-    @classmethod
-    def _pairs(cls, value: dict[str, int]) -> dict[str, int]:
-        for key, count in value.items():
-            if not _PAIR.match(key):
-                raise ValueError(f'expert_replicas key {key!r} must be "layer:expert", e.g. "3:7"')
-            if count < 1:
-                raise ValueError(f"expert_replicas[{key!r}] must be at least 1, got {count}")
-        return value
 
     def replica_counts(self) -> dict[tuple[int, int], int]:
         return {tuple(map(int, key.split(":"))): n for key, n in self.expert_replicas.items()}

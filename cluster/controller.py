@@ -16,8 +16,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServeConfig
 from cluster.load_window import TokenWindow
-from cluster.placement import (Plan, PlanError, WorkerSlot, plan_placement, rebalance_counts, replica_counts,
-                               worker_loads)
+from cluster.placement import (
+    Plan,
+    PlanError,
+    WorkerSlot,
+    plan_placement,
+    rebalance_counts,
+    replica_counts,
+    worker_loads,
+)
 from cluster.workers import WorkerSlots
 from experts.layout import expert_nbytes, moe_shape
 from router.table import RoutingTable

@@ -50,7 +50,7 @@ def format_status(status: dict) -> str:
     for w in status["workers"]:
         memory = f"{w.get('weight_bytes', 0) / 2**20:.1f}MiB"
         lines.append(f"{w['worker']:<7} {w.get('node_id', '-')[:24]:<25} {w.get('address', '-'):<21} "
-                     f"{str(w['alive']):<6} {memory:<8} {w['tokens_since_plan']:<7} {' '.join(w['replicas'])}")
+                     f"{w['alive']!s:<6} {memory:<8} {w['tokens_since_plan']:<7} {' '.join(w['replicas'])}")
     lines += ["", f"tokens per worker since the plan changed: max/mean = {balance(status):.2f}",
               f"tokens per expert over the last {status['window_s']:.0f}s (replicas):"]
     counts = status["replica_counts"]

@@ -123,8 +123,8 @@ def _throughput(model, router, tokenizer, prompts: list[str], gen_tokens: int) -
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'policy':<10} {'expert max/mean':>16} {'worker max/mean':>16} {'top-1 agree':>12} {'mean KL':>9} "
-             f"{'decode tok/s':>13}"]
+    header = f"{'policy':<10} {'expert max/mean':>16} {'worker max/mean':>16} {'top-1 agree':>12} {'mean KL':>9} "
+    lines = [header + f"{'decode tok/s':>13}"]
     for name, r in report["policies"].items():
         lines.append(f"{name:<10} {r['expert_max_over_mean']:>16.2f} {r['worker_max_over_mean']:>16.2f} "
                      f"{r['top1_agreement']:>12.3f} {r['mean_kl']:>9.4f} {r['decode_tokens_per_s']:>13.1f}")

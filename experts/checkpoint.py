@@ -40,7 +40,7 @@ class Checkpoint:
         if not single.exists():
             raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         with safe_open(single, "pt") as f:
-            return {name: single.name for name in f.keys()}
+            return {name: single.name for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
 
     def _open(self, file: str):
         if file not in self._handles:

@@ -5,8 +5,8 @@ import os
 import ray
 import torch
 
-from experts.bank import ExpertBank
 from experts import service
+from experts.bank import ExpertBank
 
 
 class ExpertWorker:

@@ -19,13 +19,13 @@ def from_proto(message: expert_pb2.Tensor) -> torch.Tensor:
     dtype = _DTYPES.get(message.dtype)
     if dtype is None:
         raise ValueError(f"unsupported tensor dtype {message.dtype!r}; expected one of {sorted(_DTYPES)}")
-    shape = tuple(message.shape)
+    shape, data = tuple(message.shape), message.data  # each read of `data` copies it: read it once
     expected = dtype.itemsize * torch.Size(shape).numel()
-    if len(message.data) != expected:
-        raise ValueError(f"tensor of shape {shape} and dtype {message.dtype} needs {expected} bytes, got {len(message.data)}")
+    if len(data) != expected:
+        raise ValueError(f"tensor of shape {shape} and dtype {message.dtype} needs {expected} bytes, got {len(data)}")
     if not expected:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
         # The bytes are immutable; the tensor is only read, so sharing them is safe.
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(message.data, dtype=torch.uint8).view(dtype).reshape(shape)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)

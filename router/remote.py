@@ -14,7 +14,6 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from experts.layout import experts_paths
-
 from router.client import ExpertCallError
 from router.dispatch import combine, gather_rows, plan_dispatch
 from router.replicas import NoReplica, assign_workers

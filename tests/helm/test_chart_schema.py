@@ -66,6 +66,12 @@ BAD = {
     "string expert replica count in serve": (
         {"set_strings": ["serve.expert_replicas.3:7=2"]},
         ["at '/serve/expert_replicas/3:7'", "got string, want integer"]),
+    "expert replica key that is not layer:expert": (
+        {"sets": ["serve.expert_replicas.seven=2"]},
+        ["at '/serve/expert_replicas'", "additional properties 'seven' not allowed"]),
+    "expert replica count below one": (
+        {"sets": ["serve.expert_replicas.3:7=0"]},
+        ["at '/serve/expert_replicas/3:7'", "minimum: got 0, want 1"]),
     "negative GPU count": (
         {"sets": ["expertGroups.experts.gpus=-1"]},
         ["at '/expertGroups/experts/gpus'", "minimum: got -1, want 0"]),

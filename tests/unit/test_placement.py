@@ -2,8 +2,15 @@
 
 import pytest
 
-from cluster.placement import (PlanError, WorkerSlot, expert_owner, plan_placement, rebalance_counts,
-                               replica_counts, worker_loads)
+from cluster.placement import (
+    PlanError,
+    WorkerSlot,
+    expert_owner,
+    plan_placement,
+    rebalance_counts,
+    replica_counts,
+    worker_loads,
+)
 
 SHAPE = {1: 8, 2: 8, 3: 8}
 MIB = 2**20
