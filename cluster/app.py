@@ -67,9 +67,18 @@ class MoEServer:
         self.router.policy = routing_policy(self.model, model_dir, self.config.routing)
         self.context_len = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
-                             self.config.max_waiting, before_forward=self.router.set_token_ids)
+                             self.config.max_waiting, before_forward=self.router.set_token_ids,
+                             lanes=self.config.engine_lanes)
         self._router_id = serve.get_replica_context().replica_id.unique_id
         threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
+
+    def __del__(self):
+        # Serve calls this on a graceful shutdown: placement groups outlive their creator unless removed.
+        try:
+            if ray.get(self.controller.release.remote(self._router_id), timeout=30):
+                ray.kill(self.controller)
+        except Exception:
+            log.exception("could not release the expert workers")
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's live config update: new expert replica counts apply without a restart."""

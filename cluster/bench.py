@@ -162,8 +162,8 @@ def run_distributed(model_dir: str, workload: Workload, prompts, workers: int, d
     from router.timings import PHASES, per_call_ms
 
     port = _free_port()
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False, log_to_driver=False,
-             namespace="moecluster")
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False,
+             log_to_driver=False, namespace="moecluster")
     try:
         serve.start(http_options={"port": _free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))

@@ -130,7 +130,8 @@ def _serve(args) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + 2))
+        cpus = max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + 2)
+        ray.init(address="local", num_cpus=cpus)
     serve.start(
         http_options={"host": "0.0.0.0", "port": args.http_port},
         grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),

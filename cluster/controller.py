@@ -93,6 +93,15 @@ class ExpertController:
     def status(self) -> dict:
         return self._status()
 
+    def release(self, router: str) -> bool:
+        """A serving replica is going away; the last one out frees the workers and their placement group."""
+        with self._lock:
+            self.routers.pop(router, None)
+            if self._live_routers():
+                return False
+            self.slots.shutdown()
+            return True
+
     # --- internals ---
 
     def _replan(self, counts, load=None, previous=None) -> dict:

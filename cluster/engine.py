@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from cluster import kv_batch
+from cluster.detokenize import IncrementalText
 from cluster.errors import Overloaded, as_serving_error
 from cluster.sampling import sample_token
 
@@ -46,6 +47,7 @@ class Sequence:
     sent_chars: int = 0
     cancelled: bool = False
     done: bool = False
+    text: IncrementalText | None = None
 
     def __post_init__(self):
         self.generator = None if self.params.seed is None else torch.Generator().manual_seed(self.params.seed)
@@ -56,47 +58,63 @@ class Sequence:
 
 
 class Engine:
+    """Admission for `lanes` batches that step in their own threads: while one lane's MoE layer waits on the
+    expert workers, another computes (two micro-batches in ping-pong)."""
+
     def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 64, max_waiting: int = 1024,
-                 before_forward=None):
+                 before_forward=None, lanes: int = 1):
         self.model, self.tokenizer = model, tokenizer
         self.before_forward = before_forward  # sees each step's input ids (token-keyed routing policies)
         self.context_len, self.max_batch_size = context_len, max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_waiting)
-        self._running: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, S]
-        threading.Thread(target=self._loop, name="moecluster-engine", daemon=True).start()
+        self.lanes = [_Lane(self, i) for i in range(lanes)]
 
     def submit(self, sequence: Sequence) -> None:
+        sequence.text = IncrementalText(self.tokenizer)
         try:
             self._waiting.put_nowait(sequence)
         except queue.Full:
             raise Overloaded(f"{self._waiting.maxsize} requests already wait for a batch slot; retry later") from None
 
+    def admit(self, lane: "_Lane") -> list[Sequence]:
+        """New sequences for `lane`: its fair share of what runs and waits, blocking while it has nothing."""
+        new = [] if lane.running else [self._waiting.get()]
+        total = sum(len(other.running) for other in self.lanes) + len(new) + self._waiting.qsize()
+        share = min(-(-total // len(self.lanes)), self.max_batch_size // len(self.lanes) or 1)
+        while len(lane.running) + len(new) < share and not self._waiting.empty():
+            new.append(self._waiting.get_nowait())
+        return [s for s in new if not s.cancelled]
+
+
+class _Lane:
+    """One running batch with its own KV cache, stepped by its own thread."""
+
+    def __init__(self, engine: Engine, index: int):
+        self.engine, self.model = engine, engine.model
+        self.running: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, S]
+        threading.Thread(target=self._loop, name=f"moecluster-engine-{index}", daemon=True).start()
+
     def _loop(self) -> None:
         while True:
-            new = self._admit(block=not self._running)
+            new = self.engine.admit(self)
             try:
                 with torch.inference_mode():
                     if new:
                         self._prefill(new)
-                    if self._running:
+                    if self.running:
                         self._decode()
             except Exception as error:  # a failed step fails every sequence in it, never a wrong token
                 log.exception("engine step failed")
-                self._fail(self._running + [s for s in new if s not in self._running], error)
-
-    def _admit(self, block: bool) -> list[Sequence]:
-        new = [self._waiting.get()] if block else []
-        while len(self._running) + len(new) < self.max_batch_size and not self._waiting.empty():
-            new.append(self._waiting.get_nowait())
-        return [s for s in new if not s.cancelled]
+                self._fail(self.running + [s for s in new if s not in self.running], error)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.tensor([[self.pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs])  # [n, L]
+        pad = self.engine.pad_id
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs])  # [n, L]
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])  # [n, L]
         cache = DynamicCache(config=self.model.config)
         kv_batch.keep_all_positions(cache)
@@ -105,15 +123,15 @@ class Engine:
         self._advance(seqs, logits)
 
     def _decode(self) -> None:
-        last = torch.tensor([[s.generated[-1]] for s in self._running])  # [B, 1]
+        last = torch.tensor([[s.generated[-1]] for s in self.running])  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # [B, S + 1]
-        positions = torch.tensor([[s.length - 1] for s in self._running])  # [B, 1]
+        positions = torch.tensor([[s.length - 1] for s in self.running])  # [B, 1]
         logits = self._forward(last, self._mask, positions, self._cache)
-        self._advance(self._running, logits)
+        self._advance(self.running, logits)
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        if self.before_forward is not None:
-            self.before_forward(ids)
+        if self.engine.before_forward is not None:
+            self.engine.before_forward(ids)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
             logits_to_keep=1,
@@ -121,36 +139,38 @@ class Engine:
         return out.logits[:, -1].float()  # [B, V]
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if not self._running:
-            self._running, self._cache, self._mask = list(seqs), cache, mask
+        if not self.running:
+            self.running, self._cache, self._mask = list(seqs), cache, mask
             return
         width = max(mask.shape[1], self._mask.shape[1])
         self._mask = kv_batch.pad_left(self._cache, self._mask, width)
         mask = kv_batch.pad_left(cache, mask, width)
         kv_batch.concat(self._cache, cache)
         self._mask = torch.cat([self._mask, mask])
-        self._running += seqs
+        self.running += seqs
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        for seq, row in zip(seqs, logits):
+        greedy = logits.argmax(-1).tolist()  # [B], one call for every greedy row
+        for seq, row, best in zip(seqs, logits, greedy):
             p = seq.params
-            self._append(seq, sample_token(row, p.temperature, p.top_p, seq.generator))
-        keep = [i for i, s in enumerate(self._running) if not (s.done or s.cancelled)]
-        if len(keep) < len(self._running):
+            self._append(seq, best if p.temperature == 0 else sample_token(row, p.temperature, p.top_p, seq.generator))
+        keep = [i for i, s in enumerate(self.running) if not (s.done or s.cancelled)]
+        if len(keep) < len(self.running):
             self._mask = kv_batch.select_rows(self._cache, self._mask, keep) if keep else None
-            self._running = [self._running[i] for i in keep]
+            self.running = [self.running[i] for i in keep]
             if not keep:
                 self._cache = None
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        seq.text.add(token)
+        text = seq.text.text
         stop_at = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
         finish = None
-        if (token in self.eos_ids and not seq.params.ignore_eos) or stop_at >= 0:
-            finish, text = "stop", text[:stop_at] if stop_at >= 0 else text
-        elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.context_len:
-            finish = "length"
+        if (token in self.engine.eos_ids and not seq.params.ignore_eos) or stop_at >= 0:
+            finish, text = "stop", text[:stop_at] if stop_at >= 0 else seq.text.flush()
+        elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.engine.context_len:
+            finish, text = "length", seq.text.flush()
         end = len(text) if finish else len(text) - _unsettled_suffix(text, seq.params.stop)
         delta = text[seq.sent_chars:end] if end > seq.sent_chars else ""
         seq.sent_chars += len(delta)
@@ -162,13 +182,11 @@ class Engine:
         for seq in seqs:
             seq.done = True
             seq.emit(Event(token_ids=[], text="", error=serving_error))
-        self._running, self._cache, self._mask = [], None, None
+        self.running, self._cache, self._mask = [], None, None
 
 
 def _unsettled_suffix(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that may still change: a partial UTF-8 character or a stop's prefix."""
-    if text.endswith("\ufffd"):
-        return 1
+    """Characters at the end of `text` that may still change: the start of a stop string."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 

@@ -8,7 +8,8 @@ import os
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import (get_placement_group, placement_group, placement_group_table,
+                                      remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
@@ -31,7 +32,7 @@ class WorkerSlots:
         self.config, self.model_dir, self.app = config, model_dir, app
         self.bundle = _bundle(config)
         self.size = config.num_workers
-        self.group = _place(self.bundle, self.size, config.startup_timeout_s)
+        self.group = _place(self.bundle, self.size, config.startup_timeout_s, name=f"{app}:expert-workers")
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
         self.threads = config.worker_threads or max(1, (os.cpu_count() or 1) // self.size)
@@ -109,8 +110,16 @@ def _bundle(config: ServeConfig) -> dict:
     return bundle
 
 
-def _place(bundle: dict, size: int, timeout_s: float):
-    """A placement group of `size` bundles; refused at once when the cluster can never hold it."""
+def _place(bundle: dict, size: int, timeout_s: float, name: str = ""):
+    """A placement group of `size` bundles; refused at once when the cluster can never hold it.
+
+    A group of the same name can only be a dead controller's leftover: it is removed first.
+    """
+    if name:
+        try:
+            remove_placement_group(get_placement_group(name))
+        except ValueError:
+            pass
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     fitting = sum(min(int(r.get(k, 0) // v) for k, v in bundle.items()) for r in nodes)
     if fitting < size:
@@ -120,7 +129,7 @@ def _place(bundle: dict, size: int, timeout_s: float):
         )
     spread = sum(1 for r in nodes if all(r.get(k, 0) >= v for k, v in bundle.items()))
     strategy = "STRICT_SPREAD" if spread >= size > 1 else "SPREAD"
-    group = placement_group([bundle] * size, strategy=strategy)
+    group = placement_group([bundle] * size, strategy=strategy, name=name)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)

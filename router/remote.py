@@ -30,7 +30,7 @@ class ExpertRouter:
     def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None):
         self.table, self.client = table, client
         self.policy = policy or RoutingPolicy()
-        self.token_ids: torch.Tensor | None = None  # [T] of the forward in progress, for token-keyed policies
+        self._step = threading.local()  # token ids of the forward in progress in each engine thread
         self._suspect: set[int] = set()
         self._turns = itertools.count()
         self._last_failure = ""
@@ -53,10 +53,11 @@ class ExpertRouter:
                     self.timings.gate_hooks(getattr(block, gate))
 
     def set_token_ids(self, input_ids: torch.Tensor) -> None:
-        self.token_ids = input_ids.reshape(-1)  # rows of every MoE layer's hidden states, in the same order
+        self._step.token_ids = input_ids.reshape(-1)  # rows of every MoE layer's hidden states, same order
 
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, self.token_ids)
+        token_ids = getattr(self._step, "token_ids", None)
+        top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, token_ids)
         self._count(layer, top_k_index)
         while True:
             started = time.perf_counter()

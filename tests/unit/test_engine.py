@@ -12,12 +12,13 @@ from tests.reference import InProcessClient, attach, greedy, transformers_model
 PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog.", "Mixture"]
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoints):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-lane", "ping-pong"])
+def engine(checkpoints, request):
     path = checkpoints["mixtral"]
     model = load_dense_model(path, "float32")
     attach(model, path, 2, InProcessClient)
-    return Engine(model, AutoTokenizer.from_pretrained(path), context_len=model.config.max_position_embeddings)
+    return Engine(model, AutoTokenizer.from_pretrained(path), context_len=model.config.max_position_embeddings,
+                  lanes=request.param)
 
 
 def run(engine, prompt_ids, params):
