@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     srv.add_argument("--num-workers", type=int)
     srv.add_argument("--config", help="serving config file (YAML or JSON); flags override it")
+    srv.add_argument("--routing", choices=POLICIES, help="routing policy (default: the model's own gate)")
     srv.add_argument("--rebalance", action="store_true", default=None,
                      help="rebalance expert replicas by load on a timer (rebalance.interval_s)")
     srv.add_argument("--http-port", type=int, default=8000)
@@ -111,6 +112,8 @@ def load_config(path: str | None, **overrides):
             fields = yaml.safe_load(f) or {}
     if overrides.pop("rebalance_enabled", None):
         fields["rebalance"] = {**fields.get("rebalance", {}), "enabled": True}
+    if policy := overrides.pop("routing_policy", None):
+        fields["routing"] = {**fields.get("routing", {}), "policy": policy}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig.model_validate(fields)
 
@@ -123,7 +126,7 @@ def _serve(args) -> int:
 
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
-                             rebalance_enabled=args.rebalance)
+                             rebalance_enabled=args.rebalance, routing_policy=args.routing)
     except ValidationError as error:
         print(f"invalid serving config:\n{error}", file=sys.stderr)
         return 2

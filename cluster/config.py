@@ -63,7 +63,7 @@ class ServeConfig(_Strict):
     startup_timeout_s: float = Field(300.0, gt=0, description="How long workers may take to be placed and load.")
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together in one step, over all lanes.")
     engine_lanes: int = Field(
-        2, ge=1, description="Micro-batches stepped in ping-pong, so one computes while another waits on experts."
+        1, ge=1, description="Micro-batches stepped in ping-pong, so one computes while another waits on experts."
     )
     max_waiting: int = Field(1024, ge=1, description="Requests queued for a batch slot before RESOURCE_EXHAUSTED.")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")

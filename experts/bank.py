@@ -30,15 +30,41 @@ class _LayerExperts:
         if (local < 0).any():
             missing = [e for e, i in zip(experts, local.tolist()) if i < 0]
             raise ExpertNotHosted(f"experts {missing} are not hosted here")
-        ids = local.repeat_interleave(torch.tensor(counts))[:, None]  # [N, 1]
-        ones = torch.ones(ids.shape, dtype=hidden.dtype, device=hidden.device)  # [N, 1]: the router weighs
         if self.fused_moe is not None:
-            return self.fused_moe(hidden, self.module.gate_up_proj, self.module.down_proj, ones, ids.to(hidden.device))
-        return self.module(hidden, ids.to(hidden.device), ones)  # [N, D]
+            ids = local.repeat_interleave(torch.tensor(counts))[:, None].to(hidden.device)  # [N, 1]
+            ones = torch.ones(ids.shape, dtype=hidden.dtype, device=hidden.device)  # [N, 1]: the router weighs
+            return self.fused_moe(hidden, self.module.gate_up_proj, self.module.down_proj, ones, ids)
+        out = torch.empty_like(hidden)  # [N, D]
+        start = 0
+        for i, n in zip(local.tolist(), counts):  # rows arrive grouped by expert: one GEMM pair per group
+            self._expert(i, hidden[start : start + n], out[start : start + n])
+            start += n
+        return out
+
+    def _expert(self, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """One expert on its rows, with the family's own gate activation (`_apply_gate`, e.g. clamped SwiGLU)."""
+        m = self.module
+        up = _linear(x, m.gate_up_proj[i] if m.has_gate else m.up_proj[i], m.is_transposed,
+                     _bias(m, "gate_up_proj_bias" if m.has_gate else "up_proj_bias", i))
+        h = m._apply_gate(up) if m.has_gate else m.act_fn(up)
+        down, bias = m.down_proj[i], _bias(m, "down_proj_bias", i)
+        if bias is None:
+            torch.mm(h, down if m.is_transposed else down.T, out=out)  # straight into the reply's rows
+        else:
+            out.copy_(_linear(h, down, m.is_transposed, bias))
 
     def weights_of(self, expert: int) -> dict[str, torch.Tensor]:
         i = int(self.local_id[expert])
         return {name: p[i] for name, p in self.module.named_parameters(recurse=False)}
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x @ weight if transposed else x @ weight.T
+    return y if bias is None else y + bias
+
+
+def _bias(module: nn.Module, name: str, i: int) -> torch.Tensor | None:
+    return getattr(module, name)[i] if module.has_bias else None
 
 
 class ExpertBank:

@@ -16,6 +16,14 @@ def test_config_file_and_flags_are_one_schema(tmp_path):
     config = load_config(str(path), num_workers=4, rebalance_enabled=True)
     assert config.num_workers == 4 and config.replica_counts() == {(1, 2): 3}
     assert config.rebalance.enabled and config.routing.policy == "hash"
+    assert load_config(str(path), routing_policy="balanced").routing.policy == "balanced"
+
+
+def test_cli_policy_choices_are_the_router_policies():
+    from cluster.cli import POLICIES as CLI_POLICIES
+    from router.policies import POLICIES
+
+    assert CLI_POLICIES == POLICIES
 
 
 def test_bad_config_values_are_refused_with_the_field(tmp_path):
