@@ -113,10 +113,8 @@ class ExpertBank:
 
     def _build(self, layer: int, experts: list[int]) -> nn.Module:
         template = self.templates[layer]
-        module = copy.copy(template)  # shares nothing mutable but the config, replaced below
+        module = copy.copy(template)  # the family's module (its gate activation, layout flags), own parameters
         module._parameters = dict(template._parameters)
-        module.config = copy.copy(template.config)
-        module.config._experts_implementation = "grouped_mm"
         module.num_experts = len(experts)
         old = self.layers.get(layer)
         for name, param in template.named_parameters(recurse=False):
