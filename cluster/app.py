@@ -98,9 +98,6 @@ class MoEServer:
             if table is not None:
                 self.router.update(table)
 
-    def status(self) -> dict:
-        return ray.get(self.controller.status.remote())
-
     def _parse(self, **fields):
         return parse_generation(
             **fields, tokenizer=self.tokenizer, vocab_size=self.model.config.vocab_size,

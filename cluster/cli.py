@@ -229,7 +229,7 @@ def _operate(args) -> int:
         else:
             result = ops.status(app=args.app)
     except (ValueError, LookupError, PlanError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {getattr(error, 'cause', None) or error}", file=sys.stderr)  # a remote error's own message
         return 2
     print(json.dumps(result, indent=2) if args.json else ops.format_status(result))
     return 0

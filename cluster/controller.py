@@ -175,7 +175,7 @@ class ExpertController:
             "nodes": [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"]}
                       for n in ray.nodes()],
             "workers": [
-                {"worker": w, **stats.get(w, {"alive": False}), "replicas": [f"{l}:{e}" for l, e in pairs],
+                {"worker": w, **stats.get(w, {"alive": False}), "replicas": [f"{l}:{e}" for l, e in sorted(pairs)],
                  "tokens_since_plan": self.worker_rows.get(w, 0)}
                 for w, pairs in enumerate(self.plan)
             ],

@@ -1,5 +1,7 @@
 """The Python API for a running deployment: status, scale and rebalance, through its expert controller."""
 
+import logging
+
 import ray
 
 from cluster.controller import controller_name
@@ -11,7 +13,7 @@ DEFAULT_APP = "moecluster"
 def connect(address: str | None = None) -> None:
     """Join the deployment's Ray cluster (`address`, or the local one) as a client driver."""
     if not ray.is_initialized():
-        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
 
 
 def _controller(app: str):
