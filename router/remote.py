@@ -16,7 +16,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from experts.layout import experts_paths
 from router.client import ExpertCallError
 from router.dispatch import combine, gather_rows, plan_dispatch
-from router.replicas import NoReplica, assign_workers
+from router.replicas import assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
 from router.timings import LayerTimings
@@ -41,7 +41,7 @@ class ExpertRouter:
 
     def update(self, table: RoutingTable) -> None:
         if table.version != self.table.version:
-            self.table, self._suspect = table, set()
+            self.table, self._suspect, self._last_failure = table, set(), ""
 
     def attach(self, model) -> None:
         """Route `model`'s experts modules here, and time its gates."""
@@ -60,31 +60,29 @@ class ExpertRouter:
         top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, token_ids)
         self._count(layer, top_k_index)
         while True:
-            started = time.perf_counter()
-            table = self.table
-            live = [[w for w in hosts if w not in self._suspect] for hosts in table.replicas[layer]]
             try:
-                pair_worker = assign_workers(layer, top_k_index, live, self.client.outstanding(), next(self._turns))
-            except NoReplica as error:
-                error.args = (f"{error.args[0]}{self._last_failure}",)
-                raise
-            dispatch = plan_dispatch(top_k_index, pair_worker, len(live))
-            rows = gather_rows(hidden, dispatch, top_k_index.shape[-1])
-            sent = time.perf_counter()
-            try:
-                out, compute_s = self.client.forward(layer, dispatch, rows, table.addresses)
+                return self._call(layer, hidden, top_k_index, top_k_weights)
             except ExpertCallError as error:
                 if not error.retryable:
                     raise
-                self._suspect.add(error.worker)
-                self._last_failure = f" (last replica failed: {error})"
-                continue
-            self._count_workers(dispatch)
-            received = time.perf_counter()
-            combined = combine(out, dispatch, top_k_weights).to(hidden.dtype)
-            self.timings.add(dispatch=sent - started, wait=received - sent - compute_s, expert_compute=compute_s,
-                             combine=time.perf_counter() - received)
-            return combined
+                self._suspect.add(error.worker)  # the next try goes to the experts' other replicas
+                self._last_failure = str(error)
+
+    def _call(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        started, table = time.perf_counter(), self.table
+        live = [[w for w in hosts if w not in self._suspect] for hosts in table.replicas[layer]]
+        pair_worker = assign_workers(layer, top_k_index, live, self.client.outstanding(), next(self._turns),
+                                     self._last_failure)
+        dispatch = plan_dispatch(top_k_index, pair_worker, len(live))
+        rows = gather_rows(hidden, dispatch, top_k_index.shape[-1])
+        sent = time.perf_counter()
+        out, compute_s = self.client.forward(layer, dispatch, rows, table.addresses)
+        self._count_workers(dispatch)
+        received = time.perf_counter()
+        combined = combine(out, dispatch, top_k_weights).to(hidden.dtype)
+        self.timings.add(dispatch=sent - started, wait=received - sent - compute_s, expert_compute=compute_s,
+                         combine=time.perf_counter() - received)
+        return combined
 
     def _count(self, layer: int, top_k_index: torch.Tensor) -> None:
         counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self.table.replicas[layer]))

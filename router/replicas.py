@@ -9,19 +9,21 @@ MIN_SPLIT = 16  # fewer rows than this per replica cost more in calls than they 
 
 
 class NoReplica(LookupError):
-    def __init__(self, layer: int, expert: int):
-        super().__init__(f"layer {layer} expert {expert} has no live replica")
+    def __init__(self, layer: int, expert: int, last_failure: str = ""):
+        reason = f" (last replica failed: {last_failure})" if last_failure else ""
+        super().__init__(f"layer {layer} expert {expert} has no live replica{reason}")
         self.layer, self.expert = layer, expert
 
 
 def assign_workers(
-    layer: int, top_k_index: torch.Tensor, replicas: list[list[int]], outstanding: dict[int, int], turn: int = 0
+    layer: int, top_k_index: torch.Tensor, replicas: list[list[int]], outstanding: dict[int, int], turn: int = 0,
+    last_failure: str = "",
 ) -> torch.Tensor:
     """[T, K] worker of each pair: every expert's rows go, in near-equal chunks, to its least-loaded replicas.
 
     replicas: per expert, the workers hosting it; outstanding: rows in flight per worker before this call;
     turn: rotates ties between equally loaded replicas from call to call. Heavier experts choose first,
-    and each chunk adds to its worker's load for the experts after it.
+    and each chunk adds to its worker's load for the experts after it. `last_failure` explains a NoReplica.
     """
     flat = top_k_index.reshape(-1)  # [S]
     order = torch.argsort(flat, stable=True)  # [S] pairs grouped by expert
@@ -32,7 +34,7 @@ def assign_workers(
     for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
         hosts = replicas[expert]
         if not hosts:
-            raise NoReplica(layer, expert)
+            raise NoReplica(layer, expert, last_failure)
         rows = order[starts[expert] : starts[expert] + counts[expert]]
         parts = max(1, min(len(hosts), len(rows) // MIN_SPLIT))
         chosen = sorted(hosts, key=lambda w: (load.get(w, 0), (w - turn) % (max(hosts) + 1)))[:parts]
