@@ -20,7 +20,7 @@ DEFAULT_SHAPE = dict(
 DEFAULT_VERSION = "v1"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
-_CORPUS = """\
+CORPUS = """\
 Mixture-of-experts models replace each dense feed-forward layer with many experts and a learned router.
 The router sends every token to a few experts, so only a fraction of the weights work on each token.
 Serving them well means placing experts across machines, batching tokens by expert, and balancing load.
@@ -39,7 +39,7 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    tokenizer.train_from_iterator(CORPUS.splitlines() * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from cluster.demo_model import _CORPUS
+from cluster.demo_model import CORPUS
 from cluster.placement import WorkerSlot, expert_owner, plan_placement, replica_counts
 from experts.layout import experts_modules
 from router.local import attach_local_experts
@@ -25,7 +25,7 @@ REPORT_PROMPTS = [
     "Pack my box with five dozen liquor jugs.",
     "the the the the the the the the",
 ]
-CALIBRATION_PROMPTS = [line for line in _CORPUS.splitlines() if line.strip()]
+CALIBRATION_PROMPTS = [line for line in CORPUS.splitlines() if line.strip()]
 
 
 def _load(model_dir):

@@ -53,10 +53,6 @@ class _LayerExperts:
         else:
             out.copy_(_linear(h, down, m.is_transposed, bias))
 
-    def weights_of(self, expert: int) -> dict[str, torch.Tensor]:
-        i = int(self.local_id[expert])
-        return {name: p[i] for name, p in self.module.named_parameters(recurse=False)}
-
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
     y = x @ weight if transposed else x @ weight.T
@@ -121,7 +117,8 @@ class ExpertBank:
             data = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.device)
             for i, expert in enumerate(experts):
                 kept = old is not None and expert in old.experts
-                data[i] = old.weights_of(expert)[name] if kept else self._read(module, name, layer, expert)
+                data[i] = getattr(old.module, name)[old.local_id[expert]] if kept else self._read(
+                    module, name, layer, expert)
             setattr(module, name, nn.Parameter(data, requires_grad=False))
         return module
 

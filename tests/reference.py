@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM
 from cluster.placement import WorkerSlot, plan_placement, replica_counts
 from experts.bank import ExpertBank
 from experts.layout import experts_modules
-from router.local import LocalExperts
 from router.remote import ExpertRouter
 from router.table import RoutingTable
 
@@ -19,9 +18,6 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
-
-
-InProcessClient = LocalExperts
 
 
 def attach(model, path, num_workers: int, client_factory, replicas: int = 1) -> ExpertRouter:

@@ -49,6 +49,31 @@ def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch):
         workers[0].stop()
 
 
+def test_malformed_forward_is_invalid_argument(checkpoints):
+    from experts.bank import ExpertBank
+    from protos import expert_pb2, expert_pb2_grpc
+    from protos.tensor import to_proto
+
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
+    stub = expert_pb2_grpc.ExpertStub(grpc.insecure_channel(workers.addresses[0]))
+    try:
+        bad = [
+            expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[3], hidden=to_proto(torch.zeros(2, 64))),
+            expert_pb2.ExpertForwardRequest(layer=0, experts=[0, 1], counts=[2], hidden=to_proto(torch.zeros(2, 64))),
+            expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[1],
+                                            hidden=expert_pb2.Tensor(data=b"x", dtype="float32", shape=[1, 64])),
+        ]
+        for request in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Forward(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = stub.Forward(expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[2],
+                                                          hidden=to_proto(torch.zeros(2, 64))), timeout=10)
+        assert list(ok.hidden.shape) == [2, 64]  # the worker goes on serving
+    finally:
+        workers.stop()
+
+
 def test_worker_error_fails_the_call_with_its_status(checkpoints):
     from experts.bank import ExpertBank
     from router.dispatch import plan_dispatch

@@ -35,6 +35,11 @@ def test_bad_config_values_are_refused_with_the_field(tmp_path):
         load_config(str(path))
 
 
+def test_routing_report_refuses_a_bad_capacity_factor(capsys):
+    assert main(["routing-report", "--capacity-factor", "0"]) == 2
+    assert "--capacity-factor must be > 0" in capsys.readouterr().err
+
+
 def test_scale_arguments():
     assert _replica_args(["3:7=4", "0:1=1"]) == {"3:7": 4, "0:1": 1}
     with pytest.raises(ValueError, match="not L:E=N"):

@@ -6,8 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from cluster.engine import Engine, SamplingParams, Sequence
+from router.local import LocalExperts
 from router.model import load_dense_model
-from tests.reference import InProcessClient, attach, greedy, transformers_model
+from tests.reference import attach, greedy, transformers_model
 
 PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog.", "Mixture"]
 
@@ -16,7 +17,7 @@ PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog.", "Mixt
 def engine(checkpoints, request):
     path = checkpoints["mixtral"]
     model = load_dense_model(path, "float32")
-    attach(model, path, 2, InProcessClient)
+    attach(model, path, 2, LocalExperts)
     return Engine(model, AutoTokenizer.from_pretrained(path), context_len=model.config.max_position_embeddings,
                   lanes=request.param)
 

@@ -5,7 +5,7 @@ import torch
 
 from router.local import attach_local_experts
 from router.model import load_dense_model
-from router.routing import policy_for_model
+from router.routing import centroids_path, load_centroids, policy_for_model
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def test_capacity_caps_every_expert_and_model_policy_is_untouched(model_and_rout
     router.policy = policy_for_model(model, "model")
 
 
-def test_kmeans_needs_centroids(model_and_router):
+def test_kmeans_needs_centroids(model_and_router, tmp_path):
     model, _ = model_and_router
     with pytest.raises(ValueError, match="needs centroids"):
         policy_for_model(model, "kmeans")
+    with pytest.raises(FileNotFoundError, match="run `moecluster calibrate"):
+        load_centroids(centroids_path(tmp_path))
