@@ -22,6 +22,7 @@ from cluster.engine import Engine, Event, Sequence
 from cluster.errors import ServingError
 from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
 from cluster.requests import parse_generation
+from cluster.workers import PROCESS_ENV
 from protos import inference_pb2
 from router.client import ExpertClient
 from router.model import load_dense_model
@@ -51,7 +52,8 @@ def routing_policy(model, model_dir: str, routing: RoutingConfig):
                             capacity_factor=routing.capacity_factor, overflow=routing.overflow, centroids=centroids)
 
 
-@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=1024,
+                  ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": PROCESS_ENV}})
 @serve.ingress(api)
 class MoEServer:
     def __init__(self, config: dict | ServeConfig):

@@ -1,4 +1,5 @@
-"""The expert worker's gRPC server: Forward, plus the standard health and reflection services."""
+"""The expert worker's servers: Forward over gRPC with the standard health and reflection services, and the same
+Forward over a Unix socket for routers on the worker's own host."""
 
 import time
 from collections import Counter
@@ -9,8 +10,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from experts.bank import ExpertBank, ExpertNotHosted
+from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
 from protos.tensor import from_proto, to_proto
+from protos.unix_stream import CallFailed
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -24,15 +27,22 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def Forward(self, request, context):
         try:
+            return self.forward(request)
+        except CallFailed as error:
+            context.abort(error.code, error.details)
+
+    def forward(self, request: expert_pb2.ExpertForwardRequest) -> expert_pb2.ExpertForwardResponse:
+        """Both transports' Forward; a bad request raises CallFailed with its status code."""
+        try:
             hidden = from_proto(request.hidden)
             _check_groups(request, hidden.shape)
         except ValueError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         start = time.perf_counter()
         try:
             out = self.bank.forward(request.layer, list(request.experts), list(request.counts), hidden)
         except ExpertNotHosted as error:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"layer {request.layer}: {error.args[0]}")
+            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"layer {request.layer}: {error.args[0]}") from None
         elapsed = time.perf_counter() - start
         self.compute_s += elapsed
         self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
@@ -46,15 +56,22 @@ def _check_groups(request, shape) -> None:
         raise ValueError(f"hidden of shape {tuple(shape)} does not hold {sum(request.counts)} rows")
 
 
-def serve(bank: ExpertBank, port: int = 0, threads: int = 8) -> tuple[grpc.Server, ExpertServicer, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_OPTIONS)
-    servicer = ExpertServicer(bank)
-    expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"[::]:{port}")
-    server.start()
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, servicer, bound
+class ExpertServer:
+    """A bank served at `address` (gRPC) and at its Unix socket; `host` is the address routers are given."""
+
+    def __init__(self, bank: ExpertBank, host: str = "localhost", port: int = 0, threads: int = 8):
+        self.servicer = ExpertServicer(bank)
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_OPTIONS)
+        expert_pb2_grpc.add_ExpertServicer_to_server(self.servicer, self.grpc)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.address = f"{host}:{self.grpc.add_insecure_port(f'[::]:{port}')}"
+        self.grpc.start()
+        self.unix = UnixServer(self.servicer.forward, self.address)
+        health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        self.unix.stop()
+        self.grpc.stop(grace)

@@ -1,12 +1,13 @@
-"""The expert worker as a Ray actor: it loads its own experts, serves them over gRPC, and reports stats."""
+"""The expert worker as a Ray actor: it loads its own experts, serves them (gRPC, and a Unix socket for its own
+host), and reports stats."""
 
 import os
 
 import ray
 import torch
 
-from experts import service
 from experts.bank import ExpertBank
+from experts.service import ExpertServer
 
 
 class ExpertWorker:
@@ -14,8 +15,8 @@ class ExpertWorker:
         torch.set_num_threads(threads)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
-        self.server, self.servicer, port = service.serve(self.bank)
-        self._address = f"{ray.util.get_node_ip_address()}:{port}"
+        self.server = ExpertServer(self.bank, host=ray.util.get_node_ip_address())
+        self.servicer, self._address = self.server.servicer, self.server.address
 
     def load(self, pairs: list[tuple[int, int]]) -> None:
         self.bank.add(pairs)

@@ -1,12 +1,18 @@
-"""The router's gRPC edge: one call per worker per MoE layer, all in flight at once, each with a deadline."""
+"""The router's edge to the workers: one call per worker per MoE layer, all in flight at once, each with a deadline.
 
+A worker on this host is called over its Unix socket, any other over gRPC; both carry the same messages and fail
+with the same status codes.
+"""
+
+import socket
 import threading
+import time
 from collections import Counter
 
 import grpc
 import torch
 
-from protos import expert_pb2, expert_pb2_grpc
+from protos import expert_pb2, expert_pb2_grpc, unix_stream
 from protos.tensor import from_proto, to_proto
 from router.dispatch import Dispatch
 
@@ -29,10 +35,14 @@ class ExpertCallError(RuntimeError):
 
 
 class ExpertClient:
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float, unix_sockets: bool = True):
+        """`unix_sockets`: call workers on this host over their Unix socket; False sends every call over gRPC."""
+        self.timeout_s, self.unix_sockets = timeout_s, unix_sockets
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
+        self._sockets = threading.local()  # address -> this thread's connected Unix socket
+        self._all_sockets: set[socket.socket] = set()
+        self._grpc_only: set[str] = set()  # addresses with no Unix socket on this host
         self._outstanding: Counter[int] = Counter()
         self._lock = threading.Lock()
 
@@ -43,22 +53,76 @@ class ExpertClient:
 
     def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]):
         """[S, D] rows in dispatch order -> ([S, D] unweighted expert outputs, same order; slowest worker's compute s)."""
-        calls, start = [], 0
+        calls, start, deadline = [], 0, time.monotonic() + self.timeout_s
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
             request = expert_pb2.ExpertForwardRequest(
                 layer=layer, experts=experts, counts=counts, hidden=to_proto(rows[start:end])
             )
-            future = self._stub(addresses[worker]).Forward.future(request, timeout=self.timeout_s)
-            calls.append((worker, addresses[worker], experts, end - start, future))
+            calls.append((worker, addresses[worker], experts, end - start, self._start(addresses[worker], request)))
             start = end
         self._track(calls, +1)
         try:
-            replies = [self._result(layer, *call) for call in calls]
+            replies = [self._result(layer, *call, deadline) for call in calls]
         finally:
             self._track(calls, -1)
         out = torch.cat([from_proto(r.hidden) for r in replies]).to(rows.dtype)
         return out, max(r.compute_s for r in replies)
+
+    def _start(self, address: str, request):
+        """Send `request`; returns what `_result` waits on: a Unix socket, or a gRPC future."""
+        sock = self._unix_socket(address) if self.unix_sockets else None
+        if sock is not None:
+            try:
+                sock.settimeout(self.timeout_s)
+                unix_stream.send(sock, request.SerializeToString())
+                return sock
+            except OSError:
+                self._drop(address)
+        return self._stub(address).Forward.future(request, timeout=self.timeout_s)
+
+    def _result(self, layer: int, worker: int, address: str, experts: list[int], _: int, call, deadline: float):
+        try:
+            if not isinstance(call, socket.socket):
+                return call.result()
+            call.settimeout(max(deadline - time.monotonic(), 1e-3))
+            code, payload = unix_stream.receive(call)
+            if code != grpc.StatusCode.OK:
+                raise unix_stream.CallFailed(code, bytes(payload).decode())
+            return expert_pb2.ExpertForwardResponse.FromString(bytes(payload))
+        except grpc.RpcError as error:
+            raise ExpertCallError(worker, address, layer, experts, error.code(), error.details()) from None
+        except unix_stream.CallFailed as error:
+            raise ExpertCallError(worker, address, layer, experts, error.code, error.details) from None
+        except TimeoutError:
+            self._drop(address)  # a late reply would desynchronise the stream
+            raise ExpertCallError(worker, address, layer, experts, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no reply within {self.timeout_s}s") from None
+        except OSError as error:
+            self._drop(address)
+            raise ExpertCallError(worker, address, layer, experts, grpc.StatusCode.UNAVAILABLE, str(error)) from None
+
+    def _unix_socket(self, address: str) -> socket.socket | None:
+        sockets = self._sockets.__dict__
+        if address not in sockets and address not in self._grpc_only:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(unix_stream.socket_path(address)))
+            except OSError:  # a worker on another host, or a socket file left behind by a dead one
+                sock.close()
+                self._grpc_only.add(address)
+                return None
+            sockets[address] = sock
+            with self._lock:
+                self._all_sockets.add(sock)
+        return sockets.get(address)
+
+    def _drop(self, address: str) -> None:
+        sock = self._sockets.__dict__.pop(address, None)
+        if sock is not None:
+            sock.close()
+            with self._lock:
+                self._all_sockets.discard(sock)
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         if address not in self._stubs:
@@ -69,15 +133,11 @@ class ExpertClient:
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
+        with self._lock:
+            for sock in self._all_sockets:
+                sock.close()
 
     def _track(self, calls, sign: int) -> None:
         with self._lock:
             for worker, _, _, n, _ in calls:
                 self._outstanding[worker] += sign * n
-
-    @staticmethod
-    def _result(layer: int, worker: int, address: str, experts: list[int], _: int, future):
-        try:
-            return future.result()
-        except grpc.RpcError as error:
-            raise ExpertCallError(worker, address, layer, experts, error.code(), error.details()) from None

@@ -1,4 +1,5 @@
-"""MoE layers served by expert workers over real gRPC, against transformers' own experts block."""
+"""MoE layers served by expert workers over real gRPC and over their Unix sockets, against transformers' own
+experts block."""
 
 import grpc
 import pytest
@@ -12,12 +13,14 @@ from router.client import ExpertCallError, ExpertClient
 from router.model import load_dense_model
 from tests.reference import attach, transformers_model
 
+TRANSPORTS = {"grpc": False, "unix": True}
+
 
 class GrpcWorkers:
-    def __init__(self, banks):
-        self.servers = [service.serve(bank) for bank in banks]
-        self.addresses = {w: f"localhost:{port}" for w, (_, _, port) in enumerate(self.servers)}
-        self.client = ExpertClient(timeout_s=30)
+    def __init__(self, banks, unix_sockets: bool = False):
+        self.servers = [service.ExpertServer(bank) for bank in banks]
+        self.addresses = dict(enumerate(server.address for server in self.servers))
+        self.client = ExpertClient(timeout_s=30, unix_sockets=unix_sockets)
 
     def outstanding(self):
         return self.client.outstanding()
@@ -27,16 +30,18 @@ class GrpcWorkers:
 
     def stop(self):
         self.client.close()
-        for server, _, _ in self.servers:
+        for server in self.servers:
             server.stop(None)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch):
+def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch, transport):
     full = transformers_model(checkpoints[arch])
     dense = load_dense_model(checkpoints[arch], "float32")
     workers = []
-    attach(dense, checkpoints[arch], 2, lambda banks: workers.append(GrpcWorkers(banks)) or workers[0])
+    attach(dense, checkpoints[arch], 2,
+           lambda banks: workers.append(GrpcWorkers(banks, TRANSPORTS[transport])) or workers[0])
     try:
         hidden = torch.randn(3, 7, full.config.hidden_size, generator=torch.Generator().manual_seed(0))
         for layer in experts_modules(dense):
@@ -74,11 +79,12 @@ def test_malformed_forward_is_invalid_argument(checkpoints):
         workers.stop()
 
 
-def test_worker_error_fails_the_call_with_its_status(checkpoints):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_worker_error_fails_the_call_with_its_status(checkpoints, transport):
     from experts.bank import ExpertBank
     from router.dispatch import plan_dispatch
 
-    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], TRANSPORTS[transport])
     try:
         dispatch = plan_dispatch(torch.tensor([[1]]), torch.tensor([[0]]), 8)
         with pytest.raises(ExpertCallError, match="NOT_FOUND") as info:
@@ -89,3 +95,70 @@ def test_worker_error_fails_the_call_with_its_status(checkpoints):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         workers.stop()
+
+
+def test_unix_socket_carries_calls_on_the_workers_host(checkpoints):
+    from experts.bank import ExpertBank
+    from router.dispatch import plan_dispatch
+
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True)
+    try:
+        dispatch = plan_dispatch(torch.tensor([[0]]), torch.tensor([[0]]), 8)
+        want, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses)
+        workers.servers[0].grpc.stop(None)  # only the Unix socket is left
+        got, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        workers.servers[0].unix.stop()
+        with pytest.raises(ExpertCallError) as info:
+            workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses)
+        assert info.value.status == grpc.StatusCode.UNAVAILABLE and info.value.retryable
+    finally:
+        workers.stop()
+
+
+def test_unix_socket_rejects_malformed_frames_and_keeps_serving(checkpoints):
+    import socket
+
+    from experts.bank import ExpertBank
+    from protos import expert_pb2, unix_stream
+    from protos.tensor import to_proto
+
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(unix_stream.socket_path(workers.addresses[0])))
+    try:
+        bad = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[3], hidden=to_proto(torch.zeros(2, 64)))
+        for frame in (b"\xff\xff not a message", bad.SerializeToString()):
+            unix_stream.send(sock, frame)
+            code, details = unix_stream.receive(sock)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details
+        good = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[2], hidden=to_proto(torch.zeros(2, 64)))
+        unix_stream.send(sock, good.SerializeToString())
+        code, reply = unix_stream.receive(sock)
+        assert code == grpc.StatusCode.OK
+        assert list(expert_pb2.ExpertForwardResponse.FromString(bytes(reply)).hidden.shape) == [2, 64]
+    finally:
+        sock.close()
+        workers.stop()
+
+
+def test_silent_unix_worker_misses_its_deadline(tmp_path, monkeypatch):
+    import socket
+
+    from protos import unix_stream
+    from router.dispatch import plan_dispatch
+
+    monkeypatch.setenv("MOECLUSTER_SOCKET_DIR", str(tmp_path))
+    address = "localhost:1"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(unix_stream.socket_path(address)))
+    listener.listen()  # accepts, never answers
+    client = ExpertClient(timeout_s=0.3)
+    try:
+        dispatch = plan_dispatch(torch.tensor([[0]]), torch.tensor([[0]]), 8)
+        with pytest.raises(ExpertCallError) as info:
+            client.forward(0, dispatch, torch.ones(1, 64), {0: address})
+        assert info.value.status == grpc.StatusCode.DEADLINE_EXCEEDED and info.value.retryable
+    finally:
+        client.close()
+        listener.close()

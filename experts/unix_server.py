@@ -1,0 +1,66 @@
+"""The expert worker's same-host endpoint: `Forward` over a Unix socket, one thread per connected router thread."""
+
+import contextlib
+import os
+import socket
+import threading
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protos import expert_pb2, unix_stream
+
+
+class UnixServer:
+    def __init__(self, forward, address: str):
+        """`forward(request) -> response` raises `unix_stream.CallFailed` for a failed call."""
+        self.forward, self.path = forward, unix_stream.socket_path(address)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left by a worker that died on this address
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.path))
+        self._listener.listen()
+        self._connections: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="expert-unix-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed by `stop`
+                return
+            self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="expert-unix-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with contextlib.suppress(OSError):  # the router hung up, or `stop`
+                self._answer(conn)
+        finally:
+            self._connections.discard(conn)
+            conn.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        while True:
+            _, frame = unix_stream.receive(conn)
+            try:
+                reply, code = self.forward(_parse(frame)).SerializeToString(), grpc.StatusCode.OK
+            except unix_stream.CallFailed as error:
+                reply, code = error.details.encode(), error.code
+            unix_stream.send(conn, reply, code)
+
+    def stop(self) -> None:
+        for sock in (self._listener, *self._connections):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads; routers see the worker go, as over gRPC
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _parse(frame: bytearray) -> expert_pb2.ExpertForwardRequest:
+    try:
+        return expert_pb2.ExpertForwardRequest.FromString(bytes(frame))
+    except DecodeError as error:
+        raise unix_stream.CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ExpertForwardRequest: {error}") from None
