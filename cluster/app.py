@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from transformers import AutoTokenizer
 
+from cluster import stream
 from cluster.config import RoutingConfig, ServeConfig
 from cluster.controller import start_controller
 from cluster.demo_model import default_model_dir
@@ -106,7 +107,10 @@ class MoEServer:
             context_len=self.context_len, default_max_tokens=self.config.default_max_tokens,
         )
 
-    async def _events(self, prompt_ids: list[int], params):
+    def _events(self, prompt_ids: list[int], params):
+        return stream.every(self._tokens(prompt_ids, params), self.config.stream_interval)
+
+    async def _tokens(self, prompt_ids: list[int], params):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         sequence = Sequence(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))

@@ -150,7 +150,7 @@ def run_inprocess(model_dir: str, workload: Workload, prompts: list[list[int]], 
     return closed_loop(workload, prompts, request)
 
 
-def run_distributed(model_dir: str, workload: Workload, prompts, workers: int, dtype: str, micro: dict | None):
+def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, micro: dict | None):
     """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks."""
     import ray
     from ray import serve
@@ -162,12 +162,12 @@ def run_distributed(model_dir: str, workload: Workload, prompts, workers: int, d
     from router.timings import PHASES, per_call_ms
 
     port = _free_port()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config["num_workers"] + 2), include_dashboard=False,
              log_to_driver=False, namespace="moecluster")
     try:
         serve.start(http_options={"port": _free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
-        serve.run(build({"model": model_dir, "num_workers": workers, "dtype": dtype}), name="bench", route_prefix="/bench")
+        serve.run(build({"model": model_dir, **config}), name="bench", route_prefix="/bench")
         request = grpc_requester(f"127.0.0.1:{port}", "bench", workload.output_tokens)
         list(request(prompts[0][:4]))  # warm-up
         time.sleep(0.5)
@@ -177,7 +177,7 @@ def run_distributed(model_dir: str, workload: Workload, prompts, workers: int, d
         after = ops.status("bench")["layer_timings"]
         result["moe_layer_ms"] = per_call_ms({k: after.get(k, 0) - before.get(k, 0) for k in ("calls", *PHASES)})
         if micro is not None:
-            result["micro"] = run_micro(model_dir, "bench", dtype, **micro)
+            result["micro"] = run_micro(model_dir, "bench", config["dtype"], **micro)
         return result
     finally:
         serve.shutdown()
@@ -265,14 +265,15 @@ def _free_port() -> int:
 
 
 def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float32", micro_iters: int = 30,
-          baselines: bool = True) -> dict:
+          baselines: bool = True, stream_interval: int = 1) -> dict:
     from transformers import AutoConfig
 
     threads = os.cpu_count() or 1
     prompts = workload.prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
+    config = {"num_workers": workers, "dtype": dtype, "stream_interval": stream_interval}
     report = {"model": model_dir, "workload": asdict(workload), "workers": workers, "threads": threads,
-              "dtype": dtype}
-    report["moecluster"] = run_distributed(model_dir, workload, prompts, workers, dtype, {"iters": micro_iters})
+              "dtype": dtype, "stream_interval": stream_interval}
+    report["moecluster"] = run_distributed(model_dir, workload, prompts, config, {"iters": micro_iters})
     if baselines:
         report["inprocess"] = run_inprocess(model_dir, workload, prompts, threads, dtype)
         report["transformers"] = run_transformers(model_dir, workload, prompts, threads)

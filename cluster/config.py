@@ -66,6 +66,9 @@ class ServeConfig(_Strict):
         1, ge=1, description="Micro-batches stepped in ping-pong, so one computes while another waits on experts."
     )
     max_waiting: int = Field(1024, ge=1, description="Requests queued for a batch slot before RESOURCE_EXHAUSTED.")
+    stream_interval: int = Field(
+        1, ge=1, description="Tokens per streamed message after the first; more cut the ingress's CPU per token."
+    )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
 
     def replica_counts(self) -> dict[tuple[int, int], int]:

@@ -130,6 +130,7 @@ CASES = [
     Case("serve.max_batch_size", ["serve.max_batch_size=8"], lambda o: args(o)["max_batch_size"], 8),
     Case("serve.max_waiting", ["serve.max_waiting=10"], lambda o: args(o)["max_waiting"], 10),
     Case("serve.default_max_tokens", ["serve.default_max_tokens=64"], lambda o: args(o)["default_max_tokens"], 64),
+    Case("serve.stream_interval", ["serve.stream_interval=8"], lambda o: args(o)["stream_interval"], 8),
     Case("serve.model", ["serve.model=/models/checkpoint/v2"], lambda o: args(o)["model"], "/models/checkpoint/v2"),
     Case("serve.routing.capacity_factor", [], lambda o: args(o)["routing"]["capacity_factor"], 1.5,
          set_jsons=["serve.routing.capacity_factor=1.5"]),
