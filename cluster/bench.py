@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3)
+SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3,
+             stream_interval=2)
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,9 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
 
 
 def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_counts=(32, 2048)) -> dict:
-    """One MoE layer round trip (router -> workers -> router) against the same expert math in-process, and
-    the expert GEMM's GFLOP/s against a bare matmul of the same shapes."""
+    """One MoE layer round trip (router -> workers -> router; over Unix sockets where the workers share this
+    host, and over gRPC alone) against the same expert math in-process, and the expert GEMM's GFLOP/s against
+    a bare matmul of the same shapes."""
     import ray
 
     from cluster.controller import controller_name
@@ -204,8 +206,9 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     layer, experts = next(iter(moe_shape(model_dir).items()))
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     bank = ExpertBank(model_dir, [(layer, e) for e in range(experts)], torch_dtype)
-    remote = ExpertRouter(table, ExpertClient(timeout_s=60))
-    local = ExpertRouter(_single_worker_table(table), LocalExperts([bank]))
+    routers = {"distributed": ExpertRouter(table, ExpertClient(timeout_s=60)),
+               "distributed_grpc_only": ExpertRouter(table, ExpertClient(timeout_s=60, unix_sockets=False)),
+               "in_process": ExpertRouter(_single_worker_table(table), LocalExperts([bank]))}
     hidden_size = _hidden_size(bank, layer)
     out = {}
     for tokens in token_counts:
@@ -213,7 +216,7 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
         index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
         weights = torch.full((tokens, 2), 0.5, dtype=bank.dtype)
         times = {name: _time(lambda r=r, h=hidden, i=index, w=weights: r.forward(layer, h, i, w), iters)
-                 for name, r in (("distributed", remote), ("in_process", local))}
+                 for name, r in routers.items()}
         out[f"moe_layer_{tokens}_tokens_ms"] = {**times, "overhead_ms": times["distributed"] - times["in_process"]}
     out["expert_gemm"] = [gemm_efficiency(bank, layer, t, iters) for t in (256, 1024)]
     return out
