@@ -268,14 +268,13 @@ def _free_port() -> int:
 
 
 def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float32", micro_iters: int = 30,
-          baselines: bool = True, stream_interval: int = 1) -> dict:
+          baselines: bool = True, stream_interval: int = 1, placement: str = "spread") -> dict:
     from transformers import AutoConfig
 
     threads = os.cpu_count() or 1
     prompts = workload.prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
-    config = {"num_workers": workers, "dtype": dtype, "stream_interval": stream_interval}
-    report = {"model": model_dir, "workload": asdict(workload), "workers": workers, "threads": threads,
-              "dtype": dtype, "stream_interval": stream_interval}
+    config = {"num_workers": workers, "dtype": dtype, "stream_interval": stream_interval, "placement": placement}
+    report = {"model": model_dir, "workload": asdict(workload), "threads": threads, **config}
     report["moecluster"] = run_distributed(model_dir, workload, prompts, config, {"iters": micro_iters})
     if baselines:
         report["inprocess"] = run_inprocess(model_dir, workload, prompts, threads, dtype)

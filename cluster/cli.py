@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=4)
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bench.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message after the first")
+    bench.add_argument("--placement", choices=["spread", "by_layer"], default="spread")
     bench.add_argument("--micro-iters", type=int, default=30)
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness works")
@@ -204,7 +205,8 @@ def _bench(args) -> int:
     workload = Workload(args.streams, args.prompt_tokens, args.output_tokens, args.requests_per_stream,
                         args.arrival, args.rate)
     report = bench(args.model or str(default_model_dir()), workload, args.workers, args.dtype, args.micro_iters,
-                   baselines=not args.no_baselines, stream_interval=args.stream_interval)
+                   baselines=not args.no_baselines, stream_interval=args.stream_interval,
+                   placement=args.placement)
     text = json.dumps(report, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as f:

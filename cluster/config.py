@@ -52,6 +52,11 @@ class ServeConfig(_Strict):
     )
     worker_threads: int | None = Field(None, ge=1, description="Torch threads per worker; unset shares the node's cores.")
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
+    placement: Literal["spread", "by_layer"] = Field(
+        "spread", description="spread: each layer's experts over every worker, which compute a layer at once; "
+        "by_layer: each layer on as few workers as an even load allows, so a layer makes fewer calls (best when "
+        "workers share a host's cores).",
+    )
     default_replicas: int = Field(1, ge=1, description="Replicas of every expert not listed in expert_replicas.")
     expert_replicas: dict[ExpertKey, ReplicaCount] = Field(
         default_factory=dict, json_schema_extra={"additionalProperties": False},

@@ -45,7 +45,7 @@ def balance(status: dict) -> float:
 
 
 def format_status(status: dict) -> str:
-    lines = [f"application {status['app']}  plan v{status['version']}  routing {status['routing_policy']}", "",
+    lines = [f"application {status['app']}  plan v{status['version']}  routing {status['routing_policy']}  placement {status['placement']}", "",
              "NODE                      ADDRESS          ALIVE"]
     lines += [f"{n['node_id'][:24]:<25} {n['address']:<16} {n['alive']}" for n in status["nodes"]]
     lines += ["", "WORKER  NODE                      ADDRESS               ALIVE  MEMORY   TOKENS  REPLICAS"]

@@ -33,12 +33,14 @@ def replica_counts(moe_shape: dict[int, int], overrides: dict[Pair, int], defaul
 
 def plan_placement(
     counts: dict[Pair, int], workers: list[WorkerSlot], expert_bytes: float,
-    load: dict[Pair, float] | None = None, previous: Plan | None = None,
+    load: dict[Pair, float] | None = None, previous: Plan | None = None, by_layer: bool = False,
 ) -> Plan:
     """Place `counts[pair]` replicas of every pair, each on a different worker (and node, where possible).
 
     Replicas carry load[pair] / counts[pair] (tokens, or 1 without stats) and go, heaviest first, to the
     worker with the least load that has memory left. With `previous`, replicas already placed stay put.
+    `by_layer` packs each layer's replicas onto as few workers as an even load allows, so an MoE layer
+    calls fewer workers; otherwise each layer spreads over every worker and computes on all of them at once.
     """
     _check_fits(counts, workers, expert_bytes)
     plan: Plan = [[] for _ in workers]
@@ -51,10 +53,14 @@ def plan_placement(
                 plan[w].append(pair)
                 loads[w] += share[pair]
                 todo[pair] -= 1
+    fair_load = sum(share[p] * n for p, n in counts.items()) / len(workers) if by_layer else 0.0
+    layers = [{layer for layer, _ in pairs} for pairs in plan]
     for pair in sorted(todo, key=lambda p: (-share[p], p)):
         for _ in range(todo[pair]):
-            w = _best_worker(pair, plan, loads, workers, expert_bytes)
+            packs = [pair[0] in layers[w] and loads[w] + share[pair] <= fair_load + 1e-9 for w in range(len(workers))]
+            w = _best_worker(pair, plan, loads, workers, expert_bytes, packs)
             plan[w].append(pair)
+            layers[w].add(pair[0])
             loads[w] += share[pair]
     return plan
 
@@ -75,7 +81,9 @@ def _check_fits(counts: dict[Pair, int], workers: list[WorkerSlot], expert_bytes
         )
 
 
-def _best_worker(pair: Pair, plan: Plan, loads: list[float], workers: list[WorkerSlot], expert_bytes: float) -> int:
+def _best_worker(pair: Pair, plan: Plan, loads: list[float], workers: list[WorkerSlot], expert_bytes: float,
+                 packs: list[bool]) -> int:
+    """The least-loaded worker with room, preferring one where the pair `packs` (joins its layer there)."""
     used_nodes = {workers[w].node for w, pairs in enumerate(plan) if pair in pairs}
     fits = [
         w for w in range(len(workers))
@@ -84,7 +92,7 @@ def _best_worker(pair: Pair, plan: Plan, loads: list[float], workers: list[Worke
     if not fits:
         raise PlanError(f"no worker has room for another replica of expert {pair[0]}:{pair[1]} "
                         f"({expert_bytes / 2**20:.1f} MiB)")
-    return min(fits, key=lambda w: (workers[w].node in used_nodes, loads[w], len(plan[w]), w))
+    return min(fits, key=lambda w: (workers[w].node in used_nodes, not packs[w], loads[w], len(plan[w]), w))
 
 
 def rebalance_counts(tokens: dict[Pair, float], budget: int, max_per_pair: int) -> dict[Pair, int]:

@@ -117,6 +117,7 @@ CASES = [
     # helm's --set reads 2.5 as a string: fractions go through --set-json
     Case("serve.worker_cpus", [], lambda o: args(o)["worker_cpus"], 2.5, set_jsons=["serve.worker_cpus=2.5"]),
     Case("serve.worker_gpus", [], lambda o: args(o)["worker_gpus"], 0.5, set_jsons=["serve.worker_gpus=0.5"]),
+    Case("serve.placement", ["serve.placement=by_layer"], lambda o: args(o)["placement"], "by_layer"),
     Case("serve.expert_replicas", ["serve.expert_replicas.3:7=2"], lambda o: args(o)["expert_replicas"], {"3:7": 2}),
     Case("serve.routing.policy", ["serve.routing.policy=hash"], lambda o: args(o)["routing"]["policy"], "hash"),
     Case("serve.routing.overflow", ["serve.routing.overflow=drop"], lambda o: args(o)["routing"]["overflow"], "drop"),

@@ -35,6 +35,23 @@ def test_every_expert_placed_once_and_layers_spread_over_workers():
     assert max(map(len, plan)) - min(map(len, plan)) <= 1
 
 
+def test_by_layer_packs_each_layer_onto_as_few_workers_as_balance_allows():
+    shape = {0: 8, 1: 8, 2: 8, 3: 8}
+    counts = replica_counts(shape, {})
+    spread = plan_placement(counts, slots(4), expert_bytes=MIB)
+    packed = plan_placement(counts, slots(4), expert_bytes=MIB, by_layer=True)
+    check_plan(packed, counts, slots(4), MIB)
+    assert all(len({layer for layer, _ in pairs}) == 4 for pairs in spread)  # every layer on every worker
+    assert sorted({layer for layer, _ in pairs} for pairs in packed) == [{0}, {1}, {2}, {3}]
+    hot = replica_counts(shape, {(2, 3): 2})
+    tokens = {pair: 9.0 if pair == (2, 3) else 1.0 for pair in hot}
+    packed = plan_placement(hot, slots(4), MIB, load=tokens, by_layer=True)
+    check_plan(packed, hot, slots(4), MIB)
+    loads = worker_loads(packed, hot, tokens)
+    assert max(loads) - min(loads) <= 4.5  # within one replica's share of even
+    assert sum(len({layer for layer, _ in pairs}) for pairs in packed) <= 8  # spread: 16 (layer, worker) calls
+
+
 def test_replicas_of_one_expert_go_to_different_nodes_where_possible():
     counts = replica_counts(SHAPE, {(1, 0): 3, (2, 5): 2})
     workers = slots(6, nodes=3)  # two workers per node
