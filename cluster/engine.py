@@ -116,8 +116,7 @@ class _Lane:
         pad = self.engine.pad_id
         ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs])  # [n, L]
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])  # [n, L]
-        cache = DynamicCache(config=self.model.config)
-        kv_batch.keep_all_positions(cache)
+        cache = kv_batch.new_cache(self.model.config)
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
         self._join(seqs, cache, mask)
         self._advance(seqs, logits)

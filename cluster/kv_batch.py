@@ -6,6 +6,7 @@ B = sequences, H = heads, S = cached positions (left-padded), Dh = head dim
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def _layers(cache: DynamicCache):
@@ -17,12 +18,47 @@ def _sync(layer) -> None:
         layer.cumulative_length = layer.keys.shape[-2]
 
 
-def keep_all_positions(cache: DynamicCache) -> None:
-    # Sliding-window layers drop old positions on their own, which would misalign rows of different lengths;
-    # recording the past keeps every position while the mask still limits attention to the window.
+def new_cache(config) -> DynamicCache:
+    """A cache for the engine's batches: every position kept, full-attention layers growing in place."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     for layer in cache.layers:
+        # Sliding-window layers drop old positions on their own, which would misalign rows of different
+        # lengths; recording the past keeps every position while the mask still limits attention to the window.
         if hasattr(layer, "activate_past_recording"):
             layer.activate_past_recording()
+    return cache
+
+
+class _GrowingLayer(DynamicLayer):
+    """Appends into buffers with spare positions, doubling when full, where DynamicLayer copies the whole cache
+    at every step (torch.cat): a decode step's cost stops growing with the sequence length. The row surgery
+    below replaces `keys`/`values` with fresh tensors; the next update then starts a new buffer."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._buffers = (None, None)
+        (self.keys, key_buffer), (self.values, value_buffer) = (
+            _append(cached, new, buffer) for cached, new, buffer in
+            ((self.keys, key_states, self._buffers[0]), (self.values, value_states, self._buffers[1]))
+        )
+        self._buffers = (key_buffer, value_buffer)
+        return self.keys, self.values
+
+
+def _append(cached: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None):
+    """[B, H, S, Dh] + [B, H, n, Dh] -> ([B, H, S + n, Dh] view of the buffer, buffer)."""
+    length = cached.shape[-2] if cached.dim() == 4 else 0
+    end = length + new.shape[-2]
+    in_buffer = (buffer is not None and length and cached.data_ptr() == buffer.data_ptr()
+                 and cached.shape[:2] == buffer.shape[:2] and end <= buffer.shape[-2])
+    if not in_buffer:
+        buffer = new.new_empty((*new.shape[:2], max(2 * end, 64), new.shape[-1]))
+        if length:
+            buffer[:, :, :length] = cached
+    buffer[:, :, length:end] = new
+    return buffer[:, :, :end], buffer
 
 
 def pad_left(cache: DynamicCache, mask: torch.Tensor, width: int) -> torch.Tensor:
