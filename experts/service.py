@@ -27,14 +27,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def Forward(self, request, context):
         try:
-            return self.forward(request)
+            out, compute_s = self.forward(request)
         except CallFailed as error:
             context.abort(error.code, error.details)
+        return expert_pb2.ExpertForwardResponse(hidden=to_proto(out), compute_s=compute_s)
 
-    def forward(self, request: expert_pb2.ExpertForwardRequest) -> expert_pb2.ExpertForwardResponse:
-        """Both transports' Forward; a bad request raises CallFailed with its status code."""
+    def forward(self, request: expert_pb2.ExpertForwardRequest, data: bytearray | None = None):
+        """Both transports' Forward -> (expert outputs, compute seconds). The hidden rows' bytes are `data`, or
+        else in the request; a bad request raises CallFailed with its status code."""
         try:
-            hidden = from_proto(request.hidden)
+            hidden = from_proto(request.hidden, data)
             _check_groups(request, hidden.shape)
         except ValueError as error:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
@@ -46,7 +48,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         elapsed = time.perf_counter() - start
         self.compute_s += elapsed
         self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
-        return expert_pb2.ExpertForwardResponse(hidden=to_proto(out.to(hidden.dtype)), compute_s=elapsed)
+        return out.to(hidden.dtype), elapsed
 
 
 def _check_groups(request, shape) -> None:

@@ -9,11 +9,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos import expert_pb2, unix_stream
+from protos.tensor import header, raw_bytes
 
 
 class UnixServer:
     def __init__(self, forward, address: str):
-        """`forward(request) -> response` raises `unix_stream.CallFailed` for a failed call."""
+        """`forward(request, tensor bytes) -> (output, compute s)` raises `unix_stream.CallFailed` for a failed
+        call."""
         self.forward, self.path = forward, unix_stream.socket_path(address)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -43,12 +45,14 @@ class UnixServer:
 
     def _answer(self, conn: socket.socket) -> None:
         while True:
-            _, frame = unix_stream.receive(conn)
+            _, message, data = unix_stream.receive(conn)
             try:
-                reply, code = self.forward(_parse(frame)).SerializeToString(), grpc.StatusCode.OK
+                out, compute_s = self.forward(_parse(message), data)
             except unix_stream.CallFailed as error:
-                reply, code = error.details.encode(), error.code
-            unix_stream.send(conn, reply, code)
+                unix_stream.send(conn, error.details.encode(), code=error.code)
+                continue
+            reply = expert_pb2.ExpertForwardResponse(hidden=header(out), compute_s=compute_s)
+            unix_stream.send(conn, reply.SerializeToString(), raw_bytes(out))
 
     def stop(self) -> None:
         for sock in (self._listener, *self._connections):

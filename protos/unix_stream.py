@@ -1,8 +1,9 @@
-"""Expert calls between processes on one host: the same protobuf messages as gRPC, length-prefixed on a Unix
-socket. Python gRPC hops threads several times per call; this costs one send and one receive.
+"""Expert calls between processes on one host: the same protobuf messages as gRPC on a Unix socket, each
+followed by its tensor's raw bytes. Python gRPC hops threads several times per call and copies each payload
+several times; this costs one send and one receive, from and into the tensors' own memory.
 
-A worker advertised at `address` (host:port) listens on `socket_path(address)`; a router that finds that file
-on its own host uses it, and gRPC otherwise.
+A worker advertised at `address` (host:port) listens on `socket_path(address)`; a router that finds that
+socket on its own host uses it, and gRPC otherwise.
 """
 
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-_HEADER = struct.Struct("<IB")  # payload bytes, status code
+_HEADER = struct.Struct("<IQB")  # message bytes, tensor bytes, status code
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -31,13 +32,17 @@ def socket_path(address: str) -> Path:
     return directory / f"expert-{re.sub(r'[^A-Za-z0-9.]+', '-', address)}.sock"
 
 
-def send(sock: socket.socket, payload: bytes, code: grpc.StatusCode = grpc.StatusCode.OK) -> None:
-    sock.sendall(_HEADER.pack(len(payload), code.value[0]) + payload)
+def send(sock: socket.socket, message: bytes, tensor_bytes: memoryview | bytes = b"",
+         code: grpc.StatusCode = grpc.StatusCode.OK) -> None:
+    sock.sendall(_HEADER.pack(len(message), len(tensor_bytes), code.value[0]) + message)
+    if len(tensor_bytes):
+        sock.sendall(tensor_bytes)
 
 
-def receive(sock: socket.socket) -> tuple[grpc.StatusCode, bytearray]:
-    size, code = _HEADER.unpack(_exactly(sock, _HEADER.size))
-    return _CODES[code], _exactly(sock, size)
+def receive(sock: socket.socket) -> tuple[grpc.StatusCode, bytearray, bytearray]:
+    """(status code, message, tensor bytes)."""
+    size, tensor_size, code = _HEADER.unpack(_exactly(sock, _HEADER.size))
+    return _CODES.get(code, grpc.StatusCode.UNKNOWN), _exactly(sock, size), _exactly(sock, tensor_size)
 
 
 def _exactly(sock: socket.socket, size: int) -> bytearray:

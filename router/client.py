@@ -13,7 +13,7 @@ import grpc
 import torch
 
 from protos import expert_pb2, expert_pb2_grpc, unix_stream
-from protos.tensor import from_proto, to_proto
+from protos.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -56,40 +56,43 @@ class ExpertClient:
         calls, start, deadline = [], 0, time.monotonic() + self.timeout_s
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
-            request = expert_pb2.ExpertForwardRequest(
-                layer=layer, experts=experts, counts=counts, hidden=to_proto(rows[start:end])
-            )
-            calls.append((worker, addresses[worker], experts, end - start, self._start(addresses[worker], request)))
+            call = self._start(addresses[worker], layer, experts, counts, rows[start:end])
+            calls.append((worker, addresses[worker], experts, end - start, call))
             start = end
         self._track(calls, +1)
         try:
             replies = [self._result(layer, *call, deadline) for call in calls]
         finally:
             self._track(calls, -1)
-        out = torch.cat([from_proto(r.hidden) for r in replies]).to(rows.dtype)
-        return out, max(r.compute_s for r in replies)
+        out = torch.cat([tensor for tensor, _ in replies]).to(rows.dtype)
+        return out, max(compute_s for _, compute_s in replies)
 
-    def _start(self, address: str, request):
-        """Send `request`; returns what `_result` waits on: a Unix socket, or a gRPC future."""
+    def _start(self, address: str, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor):
+        """Send the call; returns what `_result` waits on: a Unix socket, or a gRPC future."""
         sock = self._unix_socket(address) if self.unix_sockets else None
         if sock is not None:
+            request = expert_pb2.ExpertForwardRequest(layer=layer, experts=experts, counts=counts, hidden=header(rows))
             try:
                 sock.settimeout(self.timeout_s)
-                unix_stream.send(sock, request.SerializeToString())
+                unix_stream.send(sock, request.SerializeToString(), raw_bytes(rows))
                 return sock
             except OSError:
                 self._drop(address)
+        request = expert_pb2.ExpertForwardRequest(layer=layer, experts=experts, counts=counts, hidden=to_proto(rows))
         return self._stub(address).Forward.future(request, timeout=self.timeout_s)
 
     def _result(self, layer: int, worker: int, address: str, experts: list[int], _: int, call, deadline: float):
+        """(expert outputs, compute seconds) of one call."""
         try:
             if not isinstance(call, socket.socket):
-                return call.result()
+                reply = call.result()
+                return from_proto(reply.hidden), reply.compute_s
             call.settimeout(max(deadline - time.monotonic(), 1e-3))
-            code, payload = unix_stream.receive(call)
+            code, message, data = unix_stream.receive(call)
             if code != grpc.StatusCode.OK:
-                raise unix_stream.CallFailed(code, bytes(payload).decode())
-            return expert_pb2.ExpertForwardResponse.FromString(bytes(payload))
+                raise unix_stream.CallFailed(code, bytes(message).decode())
+            reply = expert_pb2.ExpertForwardResponse.FromString(bytes(message))
+            return from_proto(reply.hidden, data), reply.compute_s
         except grpc.RpcError as error:
             raise ExpertCallError(worker, address, layer, experts, error.code(), error.details()) from None
         except unix_stream.CallFailed as error:

@@ -121,22 +121,24 @@ def test_unix_socket_rejects_malformed_frames_and_keeps_serving(checkpoints):
 
     from experts.bank import ExpertBank
     from protos import expert_pb2, unix_stream
-    from protos.tensor import to_proto
+    from protos.tensor import from_proto, header, raw_bytes
 
     workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(str(unix_stream.socket_path(workers.addresses[0])))
     try:
-        bad = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[3], hidden=to_proto(torch.zeros(2, 64)))
-        for frame in (b"\xff\xff not a message", bad.SerializeToString()):
-            unix_stream.send(sock, frame)
-            code, details = unix_stream.receive(sock)
+        rows = torch.zeros(2, 64)
+        three = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[3], hidden=header(rows))
+        two = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[2], hidden=header(rows))
+        for message, data in [(b"\xff\xff not a message", b""), (three.SerializeToString(), raw_bytes(rows)),
+                              (two.SerializeToString(), b"short")]:
+            unix_stream.send(sock, message, data)
+            code, details, _ = unix_stream.receive(sock)
             assert code == grpc.StatusCode.INVALID_ARGUMENT and details
-        good = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[2], hidden=to_proto(torch.zeros(2, 64)))
-        unix_stream.send(sock, good.SerializeToString())
-        code, reply = unix_stream.receive(sock)
+        unix_stream.send(sock, two.SerializeToString(), raw_bytes(rows))
+        code, message, data = unix_stream.receive(sock)
         assert code == grpc.StatusCode.OK
-        assert list(expert_pb2.ExpertForwardResponse.FromString(bytes(reply)).hidden.shape) == [2, 64]
+        assert from_proto(expert_pb2.ExpertForwardResponse.FromString(bytes(message)).hidden, data).shape == (2, 64)
     finally:
         sock.close()
         workers.stop()
