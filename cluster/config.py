@@ -50,7 +50,10 @@ class ServeConfig(_Strict):
     worker_memory_gb: float | None = Field(
         None, gt=0, description="Expert weight budget per worker; a plan that does not fit is refused at start-up."
     )
-    worker_threads: int | None = Field(None, ge=1, description="Torch threads per worker; unset shares the node's cores.")
+    worker_threads: int | None = Field(
+        None, ge=1, description="Torch threads per worker; unset shares the node's cores among the workers that "
+        "compute at once (every worker with placement spread, one with by_layer).",
+    )
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
     placement: Literal["spread", "by_layer"] = Field(
         "spread", description="spread: each layer's experts over every worker, which compute a layer at once; "

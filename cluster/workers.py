@@ -36,7 +36,9 @@ class WorkerSlots:
         self.group = _place(self.bundle, self.size, config.startup_timeout_s, name=f"{app}:expert-workers")
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
-        self.threads = config.worker_threads or max(1, (os.cpu_count() or 1) // self.size)
+        # Workers that compute at once share the cores: all of them when layers spread, one when packed by layer.
+        at_once = 1 if config.placement == "by_layer" else self.size
+        self.threads = config.worker_threads or max(1, (os.cpu_count() or 1) // at_once)
 
     def nodes(self) -> list[str]:
         bundles = placement_group_table(self.group)["bundles_to_node_id"]
