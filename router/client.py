@@ -60,10 +60,17 @@ class ExpertClient:
             calls.append((worker, addresses[worker], experts, end - start, call))
             start = end
         self._track(calls, +1)
+        replies, failure = [], None
         try:
-            replies = [self._result(layer, *call, deadline) for call in calls]
+            for call in calls:  # every reply is read, even after a failure: a socket left with one would desync
+                try:
+                    replies.append(self._result(layer, *call, deadline))
+                except ExpertCallError as error:
+                    failure = failure or error
         finally:
             self._track(calls, -1)
+        if failure is not None:
+            raise failure
         out = torch.cat([tensor for tensor, _ in replies]).to(rows.dtype)
         return out, max(compute_s for _, compute_s in replies)
 

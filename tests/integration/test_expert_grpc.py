@@ -116,6 +116,25 @@ def test_unix_socket_carries_calls_on_the_workers_host(checkpoints):
         workers.stop()
 
 
+def test_a_failed_call_leaves_the_other_workers_streams_in_step(checkpoints):
+    from experts.bank import ExpertBank
+    from router.dispatch import plan_dispatch
+
+    banks = [ExpertBank(checkpoints["mixtral"], [(0, 0)]), ExpertBank(checkpoints["mixtral"], [(0, 1)])]
+    workers = GrpcWorkers(banks, unix_sockets=True)
+    try:
+        first, second = torch.ones(2, 64), torch.full((2, 64), 2.0)
+        with pytest.raises(ExpertCallError, match="NOT_FOUND"):  # worker 0 fails first; worker 1 answers
+            workers.forward(0, plan_dispatch(torch.tensor([[5], [1]]), torch.tensor([[0], [1]]), 8), first,
+                            workers.addresses)
+        got, _ = workers.forward(0, plan_dispatch(torch.tensor([[1]]), torch.tensor([[1]]), 8), second[:1],
+                                 workers.addresses)
+        want = banks[1].forward(0, [1], [1], second[:1])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the answer to this call, not the last one's
+    finally:
+        workers.stop()
+
+
 def test_unix_socket_rejects_malformed_frames_and_keeps_serving(checkpoints):
     import socket
 
