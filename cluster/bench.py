@@ -268,7 +268,7 @@ def _free_port() -> int:
 
 
 def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float32", micro_iters: int = 30,
-          baselines: bool = True, stream_interval: int = 1, placement: str = "spread") -> dict:
+          baselines: bool = True, stream_interval: int = 1, placement: str = "auto") -> dict:
     from transformers import AutoConfig
 
     threads = os.cpu_count() or 1

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=4)
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bench.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message after the first")
-    bench.add_argument("--placement", choices=["spread", "by_layer"], default="spread")
+    bench.add_argument("--placement", choices=["auto", "spread", "by_layer"], default="auto")
     bench.add_argument("--micro-iters", type=int, default=30)
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness works")

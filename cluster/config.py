@@ -55,10 +55,10 @@ class ServeConfig(_Strict):
         "compute at once (every worker with placement spread, one with by_layer).",
     )
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
-    placement: Literal["spread", "by_layer"] = Field(
-        "spread", description="spread: each layer's experts over every worker, which compute a layer at once; "
-        "by_layer: each layer on as few workers as an even load allows, so a layer makes fewer calls (best when "
-        "workers share a host's cores).",
+    placement: Literal["auto", "spread", "by_layer"] = Field(
+        "auto", description="spread: each layer's experts over every worker, which compute a layer at once; "
+        "by_layer: each layer on as few workers as an even load allows, so a layer makes fewer calls; auto: "
+        "by_layer where workers share a node, spread where each has its own.",
     )
     default_replicas: int = Field(1, ge=1, description="Replicas of every expert not listed in expert_replicas.")
     expert_replicas: dict[ExpertKey, ReplicaCount] = Field(

@@ -41,9 +41,9 @@ class ExpertController:
         self.shape = moe_shape(model_dir)
         self.expert_bytes = expert_nbytes(model_dir, self.config.dtype)
         self.counts = replica_counts(self.shape, self.config.replica_counts(), self.config.default_replicas)
-        self.by_layer = self.config.placement == "by_layer"
         self.slots = WorkerSlots(self.config, model_dir, app)
-        self.plan: Plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes, by_layer=self.by_layer)
+        self.plan: Plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes,
+                                         by_layer=self.slots.by_layer)
         self.slots.start(self.plan)
         self.version = 0
         self.table = self._table()
@@ -107,7 +107,7 @@ class ExpertController:
 
     def _replan(self, counts, load=None, previous=None) -> dict:
         plan = plan_placement(counts, self._worker_slots(), self.expert_bytes, load=load, previous=previous,
-                              by_layer=self.by_layer)
+                              by_layer=self.slots.by_layer)
         adds = [sorted(set(new) - set(old)) for new, old in zip(plan, self.plan)]
         removes = [sorted(set(old) - set(new)) for new, old in zip(plan, self.plan)]
         self.slots.call_each("load", adds)
@@ -173,7 +173,7 @@ class ExpertController:
             "app": self.app,
             "version": self.version,
             "routing_policy": self.config.routing.policy,
-            "placement": self.config.placement,
+            "placement": "by_layer" if self.slots.by_layer else "spread",
             "controller_node_id": ray.get_runtime_context().get_node_id(),
             "nodes": [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"]}
                       for n in ray.nodes()],

@@ -65,6 +65,12 @@ def plan_placement(
     return plan
 
 
+def packs_layers(placement: str, nodes: list[str]) -> bool:
+    """Whether to place `by_layer`. auto does where workers share a node: on shared cores, waking every worker
+    for each layer costs more than their parallel compute saves."""
+    return placement == "by_layer" or (placement == "auto" and len(set(nodes)) < len(nodes))
+
+
 def _check_fits(counts: dict[Pair, int], workers: list[WorkerSlot], expert_bytes: float) -> None:
     if not workers:
         raise PlanError("no workers to place experts on")

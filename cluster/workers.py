@@ -12,6 +12,7 @@ from ray.util.placement_group import get_placement_group, placement_group, place
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
+from cluster.placement import packs_layers
 from experts.worker import ExpertWorker
 
 NAMESPACE = "moecluster"
@@ -36,8 +37,9 @@ class WorkerSlots:
         self.group = _place(self.bundle, self.size, config.startup_timeout_s, name=f"{app}:expert-workers")
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
+        self.by_layer = packs_layers(config.placement, self.nodes())
         # Workers that compute at once share the cores: all of them when layers spread, one when packed by layer.
-        at_once = 1 if config.placement == "by_layer" else self.size
+        at_once = 1 if self.by_layer else self.size
         self.threads = config.worker_threads or max(1, (os.cpu_count() or 1) // at_once)
 
     def nodes(self) -> list[str]:

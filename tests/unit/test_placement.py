@@ -6,6 +6,7 @@ from cluster.placement import (
     PlanError,
     WorkerSlot,
     expert_owner,
+    packs_layers,
     plan_placement,
     rebalance_counts,
     replica_counts,
@@ -50,6 +51,11 @@ def test_by_layer_packs_each_layer_onto_as_few_workers_as_balance_allows():
     loads = worker_loads(packed, hot, tokens)
     assert max(loads) - min(loads) <= 4.5  # within one replica's share of even
     assert sum(len({layer for layer, _ in pairs}) for pairs in packed) <= 8  # spread: 16 (layer, worker) calls
+
+
+def test_auto_packs_layers_only_where_workers_share_a_node():
+    assert packs_layers("auto", ["a", "a", "b"]) and packs_layers("by_layer", ["a", "b"])
+    assert not packs_layers("auto", ["a", "b", "c"]) and not packs_layers("spread", ["a", "a"])
 
 
 def test_replicas_of_one_expert_go_to_different_nodes_where_possible():
