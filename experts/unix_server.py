@@ -16,12 +16,10 @@ class UnixServer:
     def __init__(self, forward, address: str):
         """`forward(request, tensor bytes) -> (output, compute s)` raises `unix_stream.CallFailed` for a failed
         call."""
-        self.forward, self.path = forward, unix_stream.socket_path(address)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # left by a worker that died on this address
+        self.forward, self.name = forward, unix_stream.socket_name(address)
+        self._unlink()  # a socket file left by a worker that died on this address
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(self.path))
+        self._listener.bind(self.name)
         self._listener.listen()
         self._connections: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="expert-unix-accept", daemon=True).start()
@@ -59,8 +57,12 @@ class UnixServer:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the threads; routers see the worker go, as over gRPC
         self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        if not self.name.startswith("\0"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name)
 
 
 def _parse(frame: bytearray) -> expert_pb2.ExpertForwardRequest:

@@ -2,14 +2,14 @@
 followed by its tensor's raw bytes. Python gRPC hops threads several times per call and copies each payload
 several times; this costs one send and one receive, from and into the tensors' own memory.
 
-A worker advertised at `address` (host:port) listens on `socket_path(address)`; a router that finds that
-socket on its own host uses it, and gRPC otherwise.
+A worker advertised at `address` (host:port) listens on `socket_name(address)`; a router that can connect
+to that socket on its own host uses it, and gRPC otherwise.
 """
 
-import os
 import re
 import socket
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,9 +27,13 @@ class CallFailed(Exception):
         self.code, self.details = code, details
 
 
-def socket_path(address: str) -> Path:
-    directory = Path(os.environ.get("MOECLUSTER_SOCKET_DIR", Path(tempfile.gettempdir()) / "moecluster"))
-    return directory / f"expert-{re.sub(r'[^A-Za-z0-9.]+', '-', address)}.sock"
+def socket_name(address: str) -> str:
+    """On Linux an abstract socket, which goes away with its worker (no file left behind by a killed one);
+    elsewhere a file in the temporary directory."""
+    name = f"moecluster-expert-{re.sub(r'[^A-Za-z0-9.]+', '-', address)}"
+    if sys.platform == "linux":
+        return f"\0{name}"
+    return str(Path(tempfile.gettempdir()) / f"{name}.sock")
 
 
 def send(sock: socket.socket, message: bytes, tensor_bytes: memoryview | bytes = b"",

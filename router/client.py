@@ -117,8 +117,8 @@ class ExpertClient:
         if address not in sockets and address not in self._grpc_only:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(unix_stream.socket_path(address)))
-            except OSError:  # a worker on another host, or a socket file left behind by a dead one
+                sock.connect(unix_stream.socket_name(address))
+            except OSError:  # a worker on another host, or one that is gone
                 sock.close()
                 self._grpc_only.add(address)
                 return None
