@@ -1,6 +1,7 @@
 """The expert worker's servers: Forward over gRPC with the standard health and reflection services, and the same
 Forward over a Unix socket for routers on the worker's own host."""
 
+import threading
 import time
 from collections import Counter
 from concurrent import futures
@@ -24,6 +25,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.bank = bank
         self.tokens: Counter[tuple[int, int]] = Counter()
         self.compute_s = 0.0
+        self._stats_lock = threading.Lock()  # gRPC handlers and Unix-socket connections count concurrently
 
     def Forward(self, request, context):
         try:
@@ -46,9 +48,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         except ExpertNotHosted as error:
             raise CallFailed(grpc.StatusCode.NOT_FOUND, f"layer {request.layer}: {error.args[0]}") from None
         elapsed = time.perf_counter() - start
-        self.compute_s += elapsed
-        self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
+        with self._stats_lock:
+            self.compute_s += elapsed
+            self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
         return out.to(hidden.dtype), elapsed
+
+
+    def counters(self) -> tuple[dict[tuple[int, int], int], float]:
+        """(tokens per (layer, expert), compute seconds) served so far."""
+        with self._stats_lock:
+            return dict(self.tokens), self.compute_s
 
 
 def _check_groups(request, shape) -> None:

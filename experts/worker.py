@@ -28,6 +28,7 @@ class ExpertWorker:
         return self._address
 
     def stats(self) -> dict:
+        tokens, compute_s = self.servicer.counters()
         return {
             "address": self._address,
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -35,8 +36,8 @@ class ExpertWorker:
             "pairs": self.bank.pairs,
             "weight_bytes": self.bank.nbytes(),
             "device": str(self.bank.device),
-            "tokens": {f"{layer}:{expert}": n for (layer, expert), n in self.servicer.tokens.items()},
-            "compute_s": self.servicer.compute_s,
+            "tokens": {f"{layer}:{expert}": n for (layer, expert), n in tokens.items()},
+            "compute_s": compute_s,
         }
 
     def health(self) -> bool:
