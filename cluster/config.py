@@ -51,8 +51,8 @@ class ServeConfig(_Strict):
         None, gt=0, description="Expert weight budget per worker; a plan that does not fit is refused at start-up."
     )
     worker_threads: int | None = Field(
-        None, ge=1, description="Torch threads per worker; unset shares the node's cores among the workers that "
-        "compute at once (every worker with placement spread, one with by_layer).",
+        None, ge=1, description="Torch threads per worker; unset shares its node's cores among the workers that "
+        "compute at once there (those on the node with placement spread, one with by_layer).",
     )
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
     placement: Literal["auto", "spread", "by_layer"] = Field(

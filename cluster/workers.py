@@ -4,7 +4,6 @@ A slot keeps its bundle for the application's life; when its actor dies (or its 
 takes the bundle, which Ray moves to a live node.
 """
 
-import os
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -38,9 +37,6 @@ class WorkerSlots:
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
         self.by_layer = packs_layers(config.placement, self.nodes())
-        # Workers that compute at once share the cores: all of them when layers spread, one when packed by layer.
-        at_once = 1 if self.by_layer else self.size
-        self.threads = config.worker_threads or max(1, (os.cpu_count() or 1) // at_once)
 
     def nodes(self) -> list[str]:
         bundles = placement_group_table(self.group)["bundles_to_node_id"]
@@ -66,8 +62,14 @@ class WorkerSlots:
                 runtime_env={"env_vars": PROCESS_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
             )
-            .remote(self.model_dir, pairs, dtype, self.threads)
+            .remote(self.model_dir, pairs, dtype, self.config.worker_threads, self._computing_at_once(slot))
         )
+
+    def _computing_at_once(self, slot: int) -> int:
+        """Workers that compute at once on `slot`'s node, sharing its cores: one when layers are packed, every
+        worker there when they spread."""
+        nodes = self.nodes()
+        return 1 if self.by_layer else nodes.count(nodes[slot])
 
     def call_each(self, method: str, args: list) -> None:
         """`actor.method(args[slot])` on every live slot with something to do, all at once."""

@@ -11,8 +11,10 @@ from experts.service import ExpertServer
 
 
 class ExpertWorker:
-    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, threads: int):
-        torch.set_num_threads(threads)
+    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, threads: int | None = None,
+                 sharing: int = 1):
+        """`threads` unset: this host's cores divided among the `sharing` workers that compute at once on it."""
+        torch.set_num_threads(threads or max(1, _cores() // sharing))
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
         self.server = ExpertServer(self.bank, host=ray.util.get_node_ip_address())
@@ -45,3 +47,7 @@ class ExpertWorker:
 
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
