@@ -103,6 +103,12 @@ BAD = {
     "group without replicas": (
         {"sets": ["expertGroups.l4.gpus=1"]},
         ["at '/expertGroups/l4'", "missing properties 'replicas', 'minReplicas', 'maxReplicas'"]),
+    "unknown placement": (
+        {"sets": ["serve.placement=diagonal"]},
+        ["at '/serve/placement'", "value must be one of 'auto', 'spread', 'by_layer'"]),
+    "stream interval below one": (
+        {"sets": ["serve.stream_interval=0"]},
+        ["at '/serve/stream_interval'", "minimum: got 0, want 1"]),
     "unknown storage type": (
         {"sets": ["modelStorage.type=s3"]},
         ["at '/modelStorage/type'", "value must be one of 'demo', 'pvc', 'hostPath', 'download'"]),

@@ -33,6 +33,12 @@ def test_bad_config_values_are_refused_with_the_field(tmp_path):
     path.write_text("routing: {policy: random}\n")
     with pytest.raises(Exception, match="'model', 'hash', 'balanced' or 'kmeans'"):
         load_config(str(path))
+    path.write_text("placement: diagonal\n")
+    with pytest.raises(Exception, match="(?s)placement.*'auto', 'spread' or 'by_layer'"):
+        load_config(str(path))
+    path.write_text("stream_interval: 0\n")
+    with pytest.raises(Exception, match="(?s)stream_interval.*greater than or equal to 1"):
+        load_config(str(path))
 
 
 def test_routing_report_refuses_a_bad_capacity_factor(capsys):
