@@ -39,10 +39,9 @@ class _GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self._buffers = (None, None)
-        (self.keys, key_buffer), (self.values, value_buffer) = (
-            _append(cached, new, buffer) for cached, new, buffer in
-            ((self.keys, key_states, self._buffers[0]), (self.values, value_states, self._buffers[1]))
-        )
+        key_buffer, value_buffer = self._buffers
+        self.keys, key_buffer = _append(self.keys, key_states, key_buffer)
+        self.values, value_buffer = _append(self.values, value_states, value_buffer)
         self._buffers = (key_buffer, value_buffer)
         return self.keys, self.values
 
