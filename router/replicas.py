@@ -25,6 +25,8 @@ def assign_workers(
     turn: rotates ties between equally loaded replicas from call to call. Heavier experts choose first,
     and each chunk adds to its worker's load for the experts after it. `last_failure` explains a NoReplica.
     """
+    if all(len(hosts) == 1 for hosts in replicas):  # one live replica each: nothing to balance
+        return torch.tensor([hosts[0] for hosts in replicas])[top_k_index]
     flat = top_k_index.reshape(-1)  # [S]
     order = torch.argsort(flat, stable=True)  # [S] pairs grouped by expert
     counts = torch.bincount(flat, minlength=len(replicas)).tolist()  # [E]
