@@ -202,6 +202,9 @@ def _bench(args) -> int:
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
+    if args.stream_interval < 1:
+        print(f"error: --stream-interval must be >= 1, got {args.stream_interval}", file=sys.stderr)
+        return 2
     workload = Workload(args.streams, args.prompt_tokens, args.output_tokens, args.requests_per_stream,
                         args.arrival, args.rate)
     report = bench(args.model or str(default_model_dir()), workload, args.workers, args.dtype, args.micro_iters,

@@ -50,3 +50,8 @@ def test_scale_arguments():
     assert _replica_args(["3:7=4", "0:1=1"]) == {"3:7": 4, "0:1": 1}
     with pytest.raises(ValueError, match="not L:E=N"):
         _replica_args(["3=4"])
+
+
+def test_bench_refuses_a_stream_interval_below_one(capsys):
+    assert main(["bench", "--stream-interval", "0"]) == 2
+    assert "--stream-interval must be >= 1" in capsys.readouterr().err
