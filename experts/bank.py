@@ -23,6 +23,14 @@ class _LayerExperts:
         self.module, self.experts, self.fused_moe = module, experts, fused_moe
         self.local_id = torch.full((num_experts,), -1, dtype=torch.long)
         self.local_id[experts] = torch.arange(len(experts))
+        self.transposed_here = fused_moe is None and not module.is_transposed
+        if self.transposed_here:
+            _to_input_major(module)
+
+    def checkpoint_row(self, name: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s slice of parameter `name`, in the checkpoint's layout."""
+        row = getattr(self.module, name)[self.local_id[expert]]
+        return row.T if self.transposed_here and row.dim() == 2 else row
 
     def forward(self, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         # N = rows, D = hidden
@@ -52,6 +60,15 @@ class _LayerExperts:
             torch.mm(h, down if m.is_transposed else down.T, out=out)  # straight into the reply's rows
         else:
             out.copy_(_linear(h, down, m.is_transposed, bias))
+
+
+def _to_input_major(module: nn.Module) -> None:
+    """[E, out, in] -> [E, in, out] contiguous, so each expert's GEMM is x @ W on a contiguous W: at decode
+    sizes (a few rows per expert) that is 1.4-1.8x faster than x @ W.T on the checkpoint's layout."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.dim() == 3:
+            setattr(module, name, nn.Parameter(param.transpose(1, 2).contiguous(), requires_grad=False))
+    module.is_transposed = True
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
@@ -117,8 +134,7 @@ class ExpertBank:
             data = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.device)
             for i, expert in enumerate(experts):
                 kept = old is not None and expert in old.experts
-                data[i] = getattr(old.module, name)[old.local_id[expert]] if kept else self._read(
-                    module, name, layer, expert)
+                data[i] = old.checkpoint_row(name, expert) if kept else self._read(module, name, layer, expert)
             setattr(module, name, nn.Parameter(data, requires_grad=False))
         return module
 
