@@ -116,12 +116,13 @@ def engine_requester(engine, output_tokens: int):
     return request
 
 
-def run_transformers(model_dir: str, workload: Workload, prompts: list[list[int]], threads: int) -> dict:
+def run_transformers(model_dir: str, workload: Workload, prompts: list[list[int]], threads: int,
+                     dtype: str = "float32") -> dict:
     """transformers' generate on one static batch of all the prompts (left-padded), in this process."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
@@ -160,9 +161,11 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
     from cluster import ops
     from cluster.app import build
     from cluster.cli import GRPC_SERVICER
+    from cluster.node_env import apply_node_env
     from router.timings import PHASES, per_call_ms
 
     port = _free_port()
+    apply_node_env()
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config["num_workers"] + 2), include_dashboard=False,
              log_to_driver=False, namespace="moecluster")
     try:
@@ -278,7 +281,7 @@ def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float3
     report["moecluster"] = run_distributed(model_dir, workload, prompts, config, {"iters": micro_iters})
     if baselines:
         report["inprocess"] = run_inprocess(model_dir, workload, prompts, threads, dtype)
-        report["transformers"] = run_transformers(model_dir, workload, prompts, threads)
+        report["transformers"] = run_transformers(model_dir, workload, prompts, threads, dtype)
         ours = report["moecluster"]["output_tokens_per_s"]
         report["ratios"] = {
             "vs_transformers": ours / report["transformers"]["output_tokens_per_s"],

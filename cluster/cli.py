@@ -126,6 +126,8 @@ def _serve(args) -> int:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    from cluster.node_env import apply_node_env
+
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
                              rebalance_enabled=args.rebalance, routing_policy=args.routing)
@@ -135,6 +137,7 @@ def _serve(args) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
+        apply_node_env()
         cpus = max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + 2)
         ray.init(address="local", num_cpus=cpus)
     serve.start(

@@ -8,6 +8,7 @@ import yaml
 
 from cluster.cli import GRPC_SERVICER, load_config
 from cluster.config import ServeConfig
+from cluster.node_env import NODE_ENV
 
 VALUE_SETS = ["default", "ci"]
 
@@ -207,6 +208,15 @@ def test_every_container_runs_non_root_without_privileges(objects, chart):
             assert context["runAsNonRoot"] is True and context["runAsUser"] == 1000
             assert context["allowPrivilegeEscalation"] is False
             assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_every_ray_container_starts_with_the_node_env(render, chart):
+    objects = render(sets=["env[0].name=HF_HOME", "env[0].value=/cache"])
+    spec = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert NODE_ENV.items() <= env.items() and env["HF_HOME"] == "/cache"
 
 
 def test_ray_start_params_are_strings(objects, chart):

@@ -25,7 +25,10 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from cluster.node_env import apply_node_env
+
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
+    apply_node_env()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
     for _ in range(WORKER_NODES):
         cluster.add_node(num_cpus=2)

@@ -180,10 +180,13 @@ spec:
         {{- toYaml $root.Values.securityContext | nindent 8 }}
       ports:
         {{- toYaml .ports | nindent 8 }}
-      {{- with $root.Values.env }}
       env:
+        # cluster/node_env.py: Serve's proxies reach the replica over gRPC, not Ray actor calls.
+        - name: RAY_SERVE_PROXY_USE_GRPC
+          value: "1"
+        {{- with $root.Values.env }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
       resources:
         {{- toYaml $resources | nindent 8 }}
       volumeMounts:
