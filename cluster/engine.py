@@ -16,6 +16,7 @@ from cluster import kv_batch
 from cluster.detokenize import IncrementalText
 from cluster.errors import Overloaded, as_serving_error
 from cluster.sampling import sample_token
+from experts.threads import use_process_threads
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class _Lane:
         threading.Thread(target=self._loop, name=f"moecluster-engine-{index}", daemon=True).start()
 
     def _loop(self) -> None:
+        use_process_threads()
         while True:
             new = self.engine.admit(self)
             try:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from experts.bank import ExpertBank, ExpertNotHosted
+from experts.threads import use_process_threads
 from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
 from protos.tensor import from_proto, to_proto
@@ -42,6 +43,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             _check_groups(request, hidden.shape)
         except ValueError as error:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        use_process_threads()  # this is a gRPC or Unix-socket server thread
         start = time.perf_counter()
         try:
             out = self.bank.forward(request.layer, list(request.experts), list(request.counts), hidden)
@@ -52,7 +54,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             self.compute_s += elapsed
             self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
         return out.to(hidden.dtype), elapsed
-
 
     def counters(self) -> tuple[dict[tuple[int, int], int], float]:
         """(tokens per (layer, expert), compute seconds) served so far."""
