@@ -21,9 +21,9 @@ from cluster.controller import start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine import Engine, Event, Sequence
 from cluster.errors import ServingError
+from cluster.node_env import ACTOR_ENV
 from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
 from cluster.requests import parse_generation
-from cluster.workers import PROCESS_ENV
 from protos import inference_pb2
 from router.client import ExpertClient
 from router.model import load_dense_model
@@ -54,7 +54,7 @@ def routing_policy(model, model_dir: str, routing: RoutingConfig):
 
 
 @serve.deployment(max_ongoing_requests=1024,
-                  ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": PROCESS_ENV}})
+                  ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": ACTOR_ENV}})
 @serve.ingress(api)
 class MoEServer:
     def __init__(self, config: dict | ServeConfig):

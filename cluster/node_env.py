@@ -1,7 +1,14 @@
-"""Environment that every Ray process of a moecluster node starts with: local clusters set it before `ray.init`,
-and the Helm chart sets it on every Ray container."""
+"""The environment of moecluster's Ray processes.
+
+ACTOR_ENV goes with the actors moecluster starts (the serving replica, the expert workers) in their
+`runtime_env`, on any cluster. NODE_ENV reaches processes that Ray or Serve start, such as Serve's proxies:
+local clusters set it before `ray.init`, and the Helm chart sets it on every Ray container.
+"""
 
 import os
+
+# Idle OpenMP threads sleep rather than spin: a spinning router or worker steals the cores the others compute on.
+ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # Serve's proxies reach the replica over gRPC instead of Ray actor calls. Each streamed message then costs the
 # proxy a fraction of the CPU; on 2 shared cores that took served throughput from ~445 to ~660 tokens/s.

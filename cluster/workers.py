@@ -11,12 +11,11 @@ from ray.util.placement_group import get_placement_group, placement_group, place
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
+from cluster.node_env import ACTOR_ENV
 from cluster.placement import packs_layers
 from experts.worker import ExpertWorker
 
 NAMESPACE = "moecluster"
-# Idle OpenMP threads sleep rather than spin: a spinning router or worker steals the cores the others compute on.
-PROCESS_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 HEALTH_TIMEOUT_S = 10.0
 
 
@@ -59,7 +58,7 @@ class WorkerSlots:
             .options(
                 name=worker_name(self.app, slot), namespace=NAMESPACE, max_concurrency=4,
                 num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
-                runtime_env={"env_vars": PROCESS_ENV},
+                runtime_env={"env_vars": ACTOR_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
             )
             .remote(self.model_dir, pairs, dtype, self.config.worker_threads, self._computing_at_once(slot))

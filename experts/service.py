@@ -43,7 +43,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             _check_groups(request, hidden.shape)
         except ValueError as error:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        use_process_threads()  # this is a gRPC or Unix-socket server thread
         start = time.perf_counter()
         try:
             out = self.bank.forward(request.layer, list(request.experts), list(request.counts), hidden)
@@ -73,7 +72,8 @@ class ExpertServer:
 
     def __init__(self, bank: ExpertBank, host: str = "localhost", port: int = 0, threads: int = 8):
         self.servicer = ExpertServicer(bank)
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_OPTIONS)
+        pool = futures.ThreadPoolExecutor(max_workers=threads, initializer=use_process_threads)
+        self.grpc = grpc.server(pool, options=_OPTIONS)
         expert_pb2_grpc.add_ExpertServicer_to_server(self.servicer, self.grpc)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)

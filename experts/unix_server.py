@@ -8,6 +8,7 @@ import threading
 import grpc
 from google.protobuf.message import DecodeError
 
+from experts.threads import use_process_threads
 from protos import expert_pb2, unix_stream
 from protos.tensor import header, raw_bytes
 
@@ -34,6 +35,7 @@ class UnixServer:
             threading.Thread(target=self._serve, args=(conn,), name="expert-unix-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        use_process_threads()
         try:
             with contextlib.suppress(OSError):  # the router hung up, or `stop`
                 self._answer(conn)
