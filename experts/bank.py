@@ -1,6 +1,7 @@
 """The (layer, expert) weights one worker hosts, computed with the family's own transformers Experts module."""
 
 import copy
+import itertools
 import threading
 from collections import defaultdict
 
@@ -42,24 +43,23 @@ class _LayerExperts:
             ids = local.repeat_interleave(torch.tensor(counts))[:, None].to(hidden.device)  # [N, 1]
             ones = torch.ones(ids.shape, dtype=hidden.dtype, device=hidden.device)  # [N, 1]: the router weighs
             return self.fused_moe(hidden, self.module.gate_up_proj, self.module.down_proj, ones, ids)
+        m, spans = self.module, _spans(local.tolist(), counts)
+        up_name = "gate_up_proj" if m.has_gate else "up_proj"
+        up_proj = getattr(m, up_name)
+        up = hidden.new_empty((hidden.shape[0], up_proj.shape[2] if m.is_transposed else up_proj.shape[1]))  # [N, 2I]
+        for i, rows in spans:  # rows arrive grouped by expert: one GEMM per group
+            _linear_into(hidden[rows], up_proj[i], m.is_transposed, _bias(m, f"{up_name}_bias", i), up[rows])
+        h = m._apply_gate(up) if m.has_gate else m.act_fn(up)  # [N, I]: the family's activation, once per call
         out = torch.empty_like(hidden)  # [N, D]
-        start = 0
-        for i, n in zip(local.tolist(), counts):  # rows arrive grouped by expert: one GEMM pair per group
-            self._expert(i, hidden[start : start + n], out[start : start + n])
-            start += n
+        for i, rows in spans:
+            _linear_into(h[rows], m.down_proj[i], m.is_transposed, _bias(m, "down_proj_bias", i), out[rows])
         return out
 
-    def _expert(self, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        """One expert on its rows, with the family's own gate activation (`_apply_gate`, e.g. clamped SwiGLU)."""
-        m = self.module
-        up = _linear(x, m.gate_up_proj[i] if m.has_gate else m.up_proj[i], m.is_transposed,
-                     _bias(m, "gate_up_proj_bias" if m.has_gate else "up_proj_bias", i))
-        h = m._apply_gate(up) if m.has_gate else m.act_fn(up)
-        down, bias = m.down_proj[i], _bias(m, "down_proj_bias", i)
-        if bias is None:
-            torch.mm(h, down if m.is_transposed else down.T, out=out)  # straight into the reply's rows
-        else:
-            out.copy_(_linear(h, down, m.is_transposed, bias))
+
+def _spans(local: list[int], counts: list[int]) -> list[tuple[int, slice]]:
+    """(local expert, its rows) for rows grouped by expert."""
+    ends = itertools.accumulate(counts)
+    return [(i, slice(end - n, end)) for i, n, end in zip(local, counts, ends)]
 
 
 def _to_input_major(module: nn.Module) -> None:
@@ -71,9 +71,11 @@ def _to_input_major(module: nn.Module) -> None:
     module.is_transposed = True
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None) -> torch.Tensor:
-    y = x @ weight if transposed else x @ weight.T
-    return y if bias is None else y + bias
+def _linear_into(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: torch.Tensor | None,
+                 out: torch.Tensor) -> None:
+    torch.mm(x, weight if transposed else weight.T, out=out)
+    if bias is not None:
+        out += bias
 
 
 def _bias(module: nn.Module, name: str, i: int) -> torch.Tensor | None:
