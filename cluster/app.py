@@ -117,9 +117,7 @@ class MoEServer:
         self.engine.submit(sequence)
         try:
             while True:
-                event = await events.get()
-                if event.error is not None:
-                    raise event.error
+                event = await stream.ready(events)
                 yield event
                 if event.finish_reason:
                     return

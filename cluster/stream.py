@@ -1,20 +1,33 @@
 """Streaming replies in messages of several tokens: each message through Serve costs the replica and the proxy
 about as much CPU as a decode step spends per sequence, so fewer messages leave more CPU for decoding."""
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 from cluster.engine import Event
 
 
+async def ready(queue: asyncio.Queue[Event]) -> Event:
+    """The next event merged with every one already queued behind it, so a stream that fell behind the engine
+    catches up in one message; a failed step's error is raised."""
+    events = [await queue.get()]
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    error = next((e.error for e in events if e.error is not None), None)
+    if error is not None:
+        raise error
+    return merged(events)
+
+
 async def every(events: AsyncIterator[Event], interval: int) -> AsyncIterator[Event]:
-    """The first token at once, then `interval` tokens per event; the last event carries what is left."""
+    """The first event at once, then events of at least `interval` tokens; the last carries what is left."""
     batch: list[Event] = []
     first = True
     async with contextlib.aclosing(events):  # a client that leaves early closes `events` too
         async for event in events:
             batch.append(event)
-            if first or event.finish_reason or len(batch) >= interval:
+            if first or event.finish_reason or sum(len(e.token_ids) for e in batch) >= interval:
                 yield merged(batch)
                 batch, first = [], False
     if batch:

@@ -1,7 +1,10 @@
 import asyncio
 
+import pytest
+
 from cluster.engine import Event
-from cluster.stream import every
+from cluster.errors import Overloaded
+from cluster.stream import every, ready
 
 
 def _tokens(n: int, finish: str = "length"):
@@ -46,3 +49,45 @@ def test_a_client_leaving_early_closes_the_token_source():
 
     asyncio.run(run())
     assert closed == [True]
+
+
+def test_events_of_several_tokens_count_by_tokens():
+    async def events():
+        for ids in ([0], [1, 2], [3, 4, 5], [6]):
+            yield Event(token_ids=ids, text="", finish_reason="length" if ids == [6] else None)
+
+    out = _collect(every(events(), 4))
+    assert [e.token_ids for e in out] == [[0], [1, 2, 3, 4, 5], [6]]
+
+
+def _queued(*events: Event) -> asyncio.Queue:
+    queue = asyncio.Queue()
+    for event in events:
+        queue.put_nowait(event)
+    return queue
+
+
+def test_ready_merges_what_queued_behind_the_next_event():
+    async def run():
+        queue = _queued(Event([1], "a"), Event([2], "b"), Event([3], "c", finish_reason="stop"))
+        return await ready(queue), queue.qsize()
+
+    event, left = asyncio.run(run())
+    assert (event.token_ids, event.text, event.finish_reason, left) == ([1, 2, 3], "abc", "stop", 0)
+
+
+def test_ready_waits_for_the_next_event():
+    async def run():
+        queue = asyncio.Queue()
+        asyncio.get_running_loop().call_later(0.01, queue.put_nowait, Event([7], "x"))
+        return await ready(queue)
+
+    assert asyncio.run(run()).token_ids == [7]
+
+
+def test_ready_raises_a_failed_steps_error_over_the_tokens_before_it():
+    async def run():
+        return await ready(_queued(Event([1], "a"), Event([], "", error=Overloaded("full"))))
+
+    with pytest.raises(Overloaded, match="full"):
+        asyncio.run(run())
