@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, default=0.0, help="requests/s over all streams, with --arrival poisson")
     bench.add_argument("--workers", type=int, default=4)
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    bench.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message after the first")
+    bench.add_argument("--stream-interval", type=int, default=1, help="fewest tokens per streamed message after the first")
     bench.add_argument("--placement", choices=["auto", "spread", "by_layer"], default="auto")
     bench.add_argument("--micro-iters", type=int, default=30)
     bench.add_argument("--no-baselines", action="store_true")

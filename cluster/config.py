@@ -75,7 +75,8 @@ class ServeConfig(_Strict):
     )
     max_waiting: int = Field(1024, ge=1, description="Requests queued for a batch slot before RESOURCE_EXHAUSTED.")
     stream_interval: int = Field(
-        1, ge=1, description="Tokens per streamed message after the first; more cut the ingress's CPU per token."
+        1, ge=1, description="Fewest tokens per streamed message after the first (a stream that fell behind sends "
+        "all it has at once); more cut the ingress's CPU per token."
     )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
 
