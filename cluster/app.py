@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 
@@ -24,6 +23,7 @@ from cluster.errors import ServingError
 from cluster.node_env import ACTOR_ENV
 from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
 from cluster.requests import parse_generation
+from experts.threads import usable_cores
 from protos import inference_pb2
 from router.client import ExpertClient
 from router.model import load_dense_model
@@ -59,7 +59,7 @@ def routing_policy(model, model_dir: str, routing: RoutingConfig):
 class MoEServer:
     def __init__(self, config: dict | ServeConfig):
         self.config = ServeConfig.model_validate(config)
-        torch.set_num_threads(self.config.serving_threads or os.cpu_count() or 1)
+        torch.set_num_threads(self.config.serving_threads or usable_cores())
         model_dir = self.config.model or str(default_model_dir())
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_dense_model(model_dir, self.config.dtype)

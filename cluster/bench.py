@@ -274,7 +274,9 @@ def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float3
           baselines: bool = True, stream_interval: int = 1, placement: str = "auto") -> dict:
     from transformers import AutoConfig
 
-    threads = os.cpu_count() or 1
+    from experts.threads import usable_cores
+
+    threads = usable_cores()
     prompts = workload.prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
     config = {"num_workers": workers, "dtype": dtype, "stream_interval": stream_interval, "placement": placement}
     report = {"model": model_dir, "workload": asdict(workload), "threads": threads, **config}

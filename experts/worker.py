@@ -8,13 +8,15 @@ import torch
 
 from experts.bank import ExpertBank
 from experts.service import ExpertServer
+from experts.threads import usable_cores
 
 
 class ExpertWorker:
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, threads: int | None = None,
                  sharing: int = 1):
-        """`threads` unset: this host's cores divided among the `sharing` workers that compute at once on it."""
-        torch.set_num_threads(threads or max(1, _cores() // sharing))
+        """`threads` unset: the cores this worker may use divided among the `sharing` workers that compute at once
+        on its node."""
+        torch.set_num_threads(threads or max(1, usable_cores() // sharing))
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
         self.server = ExpertServer(self.bank, host=ray.util.get_node_ip_address())
@@ -47,7 +49,3 @@ class ExpertWorker:
 
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -36,3 +36,32 @@ def test_a_python_thread_takes_the_process_budget():
     if not seen:
         pytest.skip("torch does not use libgomp here")
     assert seen == {"before": 1, "after": 2}
+
+
+def _cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files, cap", [
+    ({"cpu.max": "100000 100000\n"}, 1),  # cgroup v2: a Kubernetes limit of 1 CPU
+    ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: a second thread would be throttled
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_usable_cores_are_capped_by_the_cgroup_cpu_quota(tmp_path, files, cap):
+    from experts.threads import usable_cores
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert usable_cores(_cgroup(tmp_path, files)) == (affinity if cap is None else min(cap, affinity))
+
+
+def test_a_quota_above_the_affinity_leaves_the_affinity(tmp_path):
+    from experts.threads import usable_cores
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert usable_cores(_cgroup(tmp_path, {"cpu.max": f"{(affinity + 4) * 100000} 100000\n"})) == affinity
