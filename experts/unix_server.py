@@ -45,7 +45,11 @@ class UnixServer:
 
     def _answer(self, conn: socket.socket) -> None:
         while True:
-            _, message, data = unix_stream.receive(conn)
+            try:
+                _, message, data = unix_stream.receive(conn)
+            except unix_stream.FrameTooLarge as error:  # say why, then hang up: the stream is out of step
+                unix_stream.send(conn, str(error).encode(), code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+                return
             try:
                 out, compute_s = self.forward(_parse(message), data)
             except unix_stream.CallFailed as error:

@@ -16,7 +16,14 @@ from pathlib import Path
 import grpc
 
 _HEADER = struct.Struct("<IQB")  # message bytes, tensor bytes, status code
+# Buffers are allocated as a header announces them, so a peer must not announce more than a call can carry.
+MAX_MESSAGE_BYTES = 64 << 20  # a call's protobuf message: its expert ids and counts
+MAX_TENSOR_BYTES = 16 << 30  # a call's rows, e.g. 16k tokens x top-8 x hidden 7,168 in bfloat16 is 1.9 GB
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class FrameTooLarge(ConnectionError):
+    """A header announced more bytes than the limits allow; the stream cannot be read past it."""
 
 
 class CallFailed(Exception):
@@ -46,6 +53,9 @@ def send(sock: socket.socket, message: bytes, tensor_bytes: memoryview | bytes =
 def receive(sock: socket.socket) -> tuple[grpc.StatusCode, bytearray, bytearray]:
     """(status code, message, tensor bytes)."""
     size, tensor_size, code = _HEADER.unpack(_exactly(sock, _HEADER.size))
+    if size > MAX_MESSAGE_BYTES or tensor_size > MAX_TENSOR_BYTES:
+        raise FrameTooLarge(f"a frame announced a {size}-byte message and {tensor_size} tensor bytes; the limits "
+                            f"are {MAX_MESSAGE_BYTES} and {MAX_TENSOR_BYTES}")
     return _CODES.get(code, grpc.StatusCode.UNKNOWN), _exactly(sock, size), _exactly(sock, tensor_size)
 
 

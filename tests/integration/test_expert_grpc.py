@@ -163,6 +163,31 @@ def test_unix_socket_rejects_malformed_frames_and_keeps_serving(checkpoints):
         workers.stop()
 
 
+def test_unix_socket_refuses_a_frame_over_the_limits_and_keeps_serving(checkpoints):
+    import socket
+    import struct
+
+    from experts.bank import ExpertBank
+    from protos import unix_stream
+    from router.dispatch import plan_dispatch
+
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(unix_stream.socket_name(workers.addresses[0]))
+    sock.settimeout(10)
+    try:
+        sock.sendall(struct.pack("<IQB", 10, unix_stream.MAX_TENSOR_BYTES + 1, 0))  # and never the bytes
+        code, details, _ = unix_stream.receive(sock)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and b"limits" in details
+        assert sock.recv(1) == b""  # hung up: nothing after that header can be trusted
+        dispatch = plan_dispatch(torch.tensor([[0]] * 3), torch.zeros(3, 1, dtype=torch.long), 8)
+        out, _ = workers.forward(0, dispatch, torch.randn(3, 64), workers.addresses)  # a new connection
+        assert out.shape == (3, 64)
+    finally:
+        sock.close()
+        workers.stop()
+
+
 def test_silent_unix_worker_misses_its_deadline():
     import socket
 
