@@ -75,11 +75,16 @@ class WorkerSlots:
         refs = [getattr(self.actors[s], method).remote(a) for s, a in enumerate(args) if a and s in self.actors]
         ray.get(refs, timeout=self.config.startup_timeout_s)
 
+    def _live(self) -> list[tuple[int, object]]:
+        """(slot, actor) now: `status` reads the slots while the controller's watch thread replaces dead ones."""
+        return list(self.actors.items())
+
     def live_addresses(self) -> dict[int, str]:
-        return {slot: self.addresses[slot] for slot in self.actors if slot in self.addresses}
+        addresses = dict(self.addresses)
+        return {slot: addresses[slot] for slot, _ in self._live() if slot in addresses}
 
     def dead(self) -> list[int]:
-        refs = {slot: actor.health.remote() for slot, actor in self.actors.items()}
+        refs = {slot: actor.health.remote() for slot, actor in self._live()}
         dead = []
         for slot, ref in refs.items():
             try:
@@ -96,7 +101,7 @@ class WorkerSlots:
                 ray.kill(actor, no_restart=True)
 
     def stats(self) -> dict[int, dict]:
-        refs = {slot: actor.stats.remote() for slot, actor in self.actors.items()}
+        refs = {slot: actor.stats.remote() for slot, actor in self._live()}
         out = {}
         for slot, ref in refs.items():
             try:
