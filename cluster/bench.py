@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from experts.threads import usable_cores
+
 SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3,
              stream_interval=2)
 
@@ -273,8 +275,6 @@ def _free_port() -> int:
 def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float32", micro_iters: int = 30,
           baselines: bool = True, stream_interval: int = 1, placement: str = "auto") -> dict:
     from transformers import AutoConfig
-
-    from experts.threads import usable_cores
 
     threads = usable_cores()
     prompts = workload.prompts(AutoConfig.from_pretrained(model_dir).vocab_size)

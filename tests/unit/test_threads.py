@@ -38,6 +38,10 @@ def test_a_python_thread_takes_the_process_budget():
     assert seen == {"before": 1, "after": 2}
 
 
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _cgroup(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -56,12 +60,10 @@ def _cgroup(root: Path, files: dict[str, str]) -> Path:
 def test_usable_cores_are_capped_by_the_cgroup_cpu_quota(tmp_path, files, cap):
     from experts.threads import usable_cores
 
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert usable_cores(_cgroup(tmp_path, files)) == (affinity if cap is None else min(cap, affinity))
+    assert usable_cores(_cgroup(tmp_path, files)) == (_affinity() if cap is None else min(cap, _affinity()))
 
 
 def test_a_quota_above_the_affinity_leaves_the_affinity(tmp_path):
     from experts.threads import usable_cores
 
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert usable_cores(_cgroup(tmp_path, {"cpu.max": f"{(affinity + 4) * 100000} 100000\n"})) == affinity
+    assert usable_cores(_cgroup(tmp_path, {"cpu.max": f"{(_affinity() + 4) * 100000} 100000\n"})) == _affinity()
