@@ -144,14 +144,18 @@ def run_inprocess(model_dir: str, workload: Workload, prompts: list[list[int]], 
     from cluster.engine import Engine
     from router.local import attach_local_experts
     from router.model import load_dense_model
+    from router.timings import per_call_ms
 
     torch.set_num_threads(threads)
     model = load_dense_model(model_dir, dtype)
-    attach_local_experts(model, model_dir, None if dtype == "auto" else getattr(torch, dtype))
+    router = attach_local_experts(model, model_dir, None if dtype == "auto" else getattr(torch, dtype))
     engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), model.config.max_position_embeddings)
     request = engine_requester(engine, workload.output_tokens)
     list(request(prompts[0][:4]))  # warm-up
-    return closed_loop(workload, prompts, request)
+    router.timings.drain()
+    result = closed_loop(workload, prompts, request)
+    result["moe_layer_ms"] = per_call_ms(router.timings.drain())
+    return result
 
 
 def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, micro: dict | None):
@@ -296,12 +300,18 @@ def print_summary(report: dict) -> None:
     ours = report["moecluster"]
     print(f"moecluster  {ours['output_tokens_per_s']:8.1f} tok/s  TTFT p50 {ours['ttft_ms']['p50']:.1f} ms "
           f"p99 {ours['ttft_ms']['p99']:.1f} ms  TPOT p50 {ours['tpot_ms']['p50']:.1f} ms p99 {ours['tpot_ms']['p99']:.1f} ms")
-    print("MoE layer ms per call: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["moe_layer_ms"].items()))
+    print("MoE layer ms per call: " + _phases(ours))
     for name in ("inprocess", "transformers"):
         if name in report:
             print(f"{name:<11} {report[name]['output_tokens_per_s']:8.1f} tok/s")
+    if "inprocess" in report:
+        print("in-process MoE layer ms per call: " + _phases(report["inprocess"]))
     if "ratios" in report:
         r = report["ratios"]
         print(f"ratios: {r['vs_transformers']:.2f}x transformers generate, {r['vs_inprocess']:.2f}x in-process engine")
     for key, value in ours.get("micro", {}).items():
         print(f"{key}: {json.dumps(value)}")
+
+
+def _phases(result: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in result["moe_layer_ms"].items())

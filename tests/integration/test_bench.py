@@ -21,6 +21,8 @@ def test_bench_smoke_emits_a_complete_report(tmp_path):
     assert ours["ttft_ms"]["p50"] > 0 and ours["tpot_ms"]["p99"] > 0
     assert set(ours["moe_layer_ms"]) == {"gating", "dispatch", "wait", "expert_compute", "combine"}
     assert ours["moe_layer_ms"]["expert_compute"] > 0
+    assert set(report["inprocess"]["moe_layer_ms"]) == set(ours["moe_layer_ms"])
+    assert report["inprocess"]["moe_layer_ms"]["expert_compute"] > 0
     assert {"moe_layer_32_tokens_ms", "moe_layer_2048_tokens_ms", "expert_gemm"} <= set(ours["micro"])
     assert {"distributed", "distributed_grpc_only", "in_process"} <= set(ours["micro"]["moe_layer_32_tokens_ms"])
     assert report["stream_interval"] == 2
