@@ -8,17 +8,14 @@ import queue
 import random
 import socket
 import statistics
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
 
 from experts.threads import usable_cores
 
-RAY_WORKER_NICENESS = 15  # Ray's default `worker_niceness`
 SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3,
              stream_interval=2)
 
@@ -104,25 +101,6 @@ def grpc_requester(target: str, app: str, output_tokens: int):
     return request
 
 
-def _grpc_load(target: str, workload: Workload, prompts) -> dict:
-    request = grpc_requester(target, "bench", workload.output_tokens)
-    list(request(prompts[0][:4]))  # warm-up
-    return closed_loop(workload, prompts, request)
-
-
-def at_niceness(niceness: int, fn, *args):
-    """fn(*args) in a thread at `niceness`, as is every thread it starts (Linux keeps a niceness per thread).
-    The load generator shares the cores with the processes it measures, which Ray runs at nice 15: at nice 0 it
-    preempted them whenever a reply arrived (803 and 752 against 695 and 693 tokens/s served, alternating)."""
-    with ThreadPoolExecutor(1, initializer=_set_niceness, initargs=(niceness,)) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def _set_niceness(niceness: int) -> None:
-    if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)  # this thread only
-
-
 def engine_requester(engine, output_tokens: int):
     from cluster.engine import SamplingParams, Sequence
 
@@ -200,8 +178,11 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
         serve.start(http_options={"port": _free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
         serve.run(build({"model": model_dir, **config}), name="bench", route_prefix="/bench")
+        request = grpc_requester(f"127.0.0.1:{port}", "bench", workload.output_tokens)
+        list(request(prompts[0][:4]))  # warm-up
+        time.sleep(0.5)
         before = ops.status("bench")["layer_timings"]
-        result = at_niceness(RAY_WORKER_NICENESS, _grpc_load, f"127.0.0.1:{port}", workload, prompts)
+        result = closed_loop(workload, prompts, request)
         time.sleep(0.5)  # the routers' last check-in
         after = ops.status("bench")["layer_timings"]
         result["moe_layer_ms"] = per_call_ms({k: after.get(k, 0) - before.get(k, 0) for k in ("calls", *PHASES)})
