@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from experts.checkpoint import Checkpoint, CheckpointError
+from experts.checkpoint import Checkpoint, CheckpointError, dequantize_mxfp4
 from experts.layout import experts_modules, load_config, meta_model, resolve_dtype
 from experts.vllm_kernel import fused_moe_or_none
 
@@ -144,9 +144,13 @@ class ExpertBank:
         checkpoint = self.checkpoint
         fused = checkpoint.fused_names.get(layer)
         if fused:
-            if param not in fused:
-                raise CheckpointError(f"{checkpoint.path}: tensor for layer {layer} experts.{param} is missing")
-            return checkpoint.read_row(fused[param], expert)
+            if param in fused:
+                return checkpoint.read_row(fused[param], expert)
+            blocks, scales = fused.get(f"{param}_blocks"), fused.get(f"{param}_scales")
+            if blocks and scales:
+                return dequantize_mxfp4(checkpoint.read_row(blocks, expert), checkpoint.read_row(scales, expert),
+                                        self.dtype)
+            raise CheckpointError(f"{checkpoint.path}: tensor for layer {layer} experts.{param} is missing")
         names = checkpoint.expert_names.get((layer, expert), {})
         role = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}.get(param)
         if role is None or module.is_transposed or not module.is_concatenated:

@@ -7,17 +7,25 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 # A routed expert on disk: `...layers.{L}.{block}.experts.{E}.{proj}.weight` (one file entry per expert),
-# or `...layers.{L}.mlp.experts.{param}` (GPT-OSS: all experts of a layer fused, sliced on read).
+# or `...layers.{L}.mlp.experts.{param}` (GPT-OSS: all experts of a layer fused, sliced on read; its released
+# checkpoints hold each projection as mxfp4 `{param}_blocks` and `{param}_scales`).
 _PER_EXPERT = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.(\d+)\.(\w+)\.weight$")
-_FUSED = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.(gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)$")
+_FUSED = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.((?:gate_up_proj|down_proj)(?:_bias|_blocks|_scales)?)$")
 _ROUTED = re.compile(r"\.experts\.")
 _ROLES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 class CheckpointError(ValueError):
     """The checkpoint is not a servable MoE model, or misses a tensor."""
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's mxfp4 projection, blocks [out, in / 32, 16] and scales [out, in / 32], as the [in, out] weight
+    that transformers' GPT-OSS experts hold once dequantized."""
+    return convert_moe_packed_tensors(blocks[None], scales[None], dtype=dtype)[0]
 
 
 def is_routed_expert(name: str) -> bool:

@@ -11,7 +11,7 @@ from experts.families import ARCHS
 from experts.layout import experts_modules
 from router.client import ExpertCallError, ExpertClient
 from router.model import load_dense_model
-from tests.reference import attach, transformers_model
+from tests.reference import MXFP4, attach, transformers_model
 
 TRANSPORTS = {"grpc": False, "unix": True}
 
@@ -35,7 +35,7 @@ class GrpcWorkers:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, MXFP4))
 def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch, transport):
     full = transformers_model(checkpoints[arch])
     dense = load_dense_model(checkpoints[arch], "float32")

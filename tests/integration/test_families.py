@@ -8,12 +8,12 @@ from transformers import AutoTokenizer
 
 from experts.families import ARCHS
 from tests.integration.conftest import deploy, generate, tokens
-from tests.reference import greedy, transformers_model
+from tests.reference import MXFP4, greedy, transformers_model
 
 PROMPTS = ["Hello, world", "The router sends every token to a few experts.", "0123"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, MXFP4))
 def test_greedy_generate_equals_transformers(arch, checkpoints, inference_stub):
     deploy(arch, checkpoints[arch], num_workers=2, dtype="float32")
     try:
