@@ -1,5 +1,7 @@
 """GPT-OSS checkpoints as released: experts in mxfp4, dequantized by each worker as transformers does."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,10 +31,7 @@ def test_workers_hold_the_experts_transformers_dequantizes(checkpoints):
 
 
 def test_missing_scales_name_the_projection(checkpoints, tmp_path):
-    path = tmp_path / "no-scales"
-    path.mkdir()
-    for file in checkpoints[MXFP4].iterdir():
-        (path / file.name).write_bytes(file.read_bytes())
+    path = shutil.copytree(checkpoints[MXFP4], tmp_path / "no-scales")
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.0.mlp.experts.down_proj_scales"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
