@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from experts.checkpoint import Checkpoint, CheckpointError, dequantize_mxfp4
+from experts.checkpoint import Checkpoint, CheckpointError
 from experts.layout import experts_modules, load_config, meta_model, resolve_dtype
 from experts.vllm_kernel import fused_moe_or_none
 
@@ -135,8 +135,14 @@ class ExpertBank:
         for name, param in template.named_parameters(recurse=False):
             data = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.device)
             for i, expert in enumerate(experts):
-                kept = old is not None and expert in old.experts
-                data[i] = old.checkpoint_row(name, expert) if kept else self._read(module, name, layer, expert)
+                if old is not None and expert in old.experts:
+                    data[i] = old.checkpoint_row(name, expert)
+                    continue
+                row = self._read(module, name, layer, expert)
+                if row.shape != data.shape[1:]:
+                    raise CheckpointError(f"{self.checkpoint.path}: layer {layer} expert {expert} {name} has shape "
+                                          f"{tuple(row.shape)}, the model expects {tuple(data.shape[1:])}")
+                data[i] = row
             setattr(module, name, nn.Parameter(data, requires_grad=False))
         return module
 
@@ -148,8 +154,7 @@ class ExpertBank:
                 return checkpoint.read_row(fused[param], expert)
             blocks, scales = fused.get(f"{param}_blocks"), fused.get(f"{param}_scales")
             if blocks and scales:
-                return dequantize_mxfp4(checkpoint.read_row(blocks, expert), checkpoint.read_row(scales, expert),
-                                        self.dtype)
+                return checkpoint.read_mxfp4_row(blocks, scales, expert, self.dtype)
             raise CheckpointError(f"{checkpoint.path}: tensor for layer {layer} experts.{param} is missing")
         names = checkpoint.expert_names.get((layer, expert), {})
         role = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}.get(param)

@@ -70,6 +70,14 @@ class Checkpoint:
         """One expert's slice of a fused [E, ...] tensor, without reading the others."""
         return self._open(self.require(name)).get_slice(name)[row]
 
+    def read_mxfp4_row(self, blocks: str, scales: str, row: int, dtype: torch.dtype) -> torch.Tensor:
+        """One expert's slice of fused mxfp4 `blocks` and `scales`, dequantized (see `dequantize_mxfp4`)."""
+        block_rows, scale_rows = self.read_row(blocks, row), self.read_row(scales, row)
+        if block_rows.shape[:-1] != scale_rows.shape:
+            raise CheckpointError(f"{self.path}: {blocks} of shape {tuple(block_rows.shape)} per expert does not "
+                                  f"match {scales} of shape {tuple(scale_rows.shape)}")
+        return dequantize_mxfp4(block_rows, scale_rows, dtype)
+
     def dense_names(self) -> list[str]:
         return [name for name in self.files if not is_routed_expert(name)]
 

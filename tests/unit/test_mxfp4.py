@@ -30,10 +30,33 @@ def test_workers_hold_the_experts_transformers_dequantizes(checkpoints):
             torch.testing.assert_close(row, getattr(oracle[layer], name)[expert], rtol=0, atol=0)
 
 
-def test_missing_scales_name_the_projection(checkpoints, tmp_path):
-    path = shutil.copytree(checkpoints[MXFP4], tmp_path / "no-scales")
+def _edited(checkpoints, path, edit):
+    shutil.copytree(checkpoints[MXFP4], path)
     tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    edit(tensors)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_missing_scales_name_the_projection(checkpoints, tmp_path):
+    path = _edited(checkpoints, tmp_path / "no-scales", lambda t: t.pop("model.layers.0.mlp.experts.down_proj_scales"))
     with pytest.raises(CheckpointError, match="layer 0 experts.down_proj is missing"):
         ExpertBank(path, [(0, 1)])
+
+
+def test_scales_that_do_not_fit_the_blocks_are_named(checkpoints, tmp_path):
+    name = "model.layers.1.mlp.experts.gate_up_proj_scales"
+    path = _edited(checkpoints, tmp_path / "bad-scales", lambda t: t.update({name: t[name][:, :, :1].contiguous()}))
+    with pytest.raises(CheckpointError, match="gate_up_proj_blocks of shape .* does not match .*gate_up_proj_scales"):
+        ExpertBank(path, [(1, 0)])
+
+
+def test_blocks_of_another_shape_than_the_model_are_named(checkpoints, tmp_path):
+    def narrow_down_proj(tensors):
+        for part in ("blocks", "scales"):
+            name = f"model.layers.0.mlp.experts.down_proj_{part}"
+            tensors[name] = tensors[name][:, :32].contiguous()  # 32 output rows where the model has 64
+
+    path = _edited(checkpoints, tmp_path / "narrow", narrow_down_proj)
+    with pytest.raises(CheckpointError, match=r"layer 0 expert 4 down_proj has shape \(64, 32\), the model expects"):
+        ExpertBank(path, [(0, 4)])
