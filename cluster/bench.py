@@ -11,11 +11,15 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from experts.threads import usable_cores
 
+# A served worker computes a layer once per decode step (by_layer), ~30 ms after its last call; a call after such
+# a pause starts with cold caches (README, Performance), so the micro-benchmarks time one that way too.
+PAUSE_S = 0.03
 SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3,
              stream_interval=2)
 
@@ -199,8 +203,9 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
 
 def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_counts=(32, 2048)) -> dict:
     """One MoE layer round trip (router -> workers -> router; over Unix sockets where the workers share this
-    host, and over gRPC alone) against the same expert math in-process, and the expert GEMM's GFLOP/s against
-    a bare matmul of the same shapes."""
+    host, and over gRPC alone) against the same expert math in-process, back to back and, at the first token
+    count, each call after a decode step's pause; and the expert GEMM's GFLOP/s against a bare matmul of the
+    same shapes."""
     import ray
 
     from cluster.controller import controller_name
@@ -218,17 +223,25 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     routers = {"distributed": ExpertRouter(table, ExpertClient(timeout_s=60)),
                "distributed_grpc_only": ExpertRouter(table, ExpertClient(timeout_s=60, unix_sockets=False)),
                "in_process": ExpertRouter(_single_worker_table(table), LocalExperts([bank]))}
-    hidden_size = _hidden_size(bank, layer)
+    calls = {tokens: _layer_call(layer, experts, tokens, _hidden_size(bank, layer), bank.dtype) for tokens in token_counts}
     out = {}
-    for tokens in token_counts:
-        hidden = torch.randn(tokens, hidden_size, dtype=bank.dtype)
-        index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-        weights = torch.full((tokens, 2), 0.5, dtype=bank.dtype)
-        times = {name: _time(lambda r=r, h=hidden, i=index, w=weights: r.forward(layer, h, i, w), iters)
-                 for name, r in routers.items()}
+    for tokens, call in calls.items():
+        times = {name: _time(partial(call, router), iters) for name, router in routers.items()}
         out[f"moe_layer_{tokens}_tokens_ms"] = {**times, "overhead_ms": times["distributed"] - times["in_process"]}
+    call = calls[token_counts[0]]
+    paused = {name: _time(partial(call, routers[name]), iters, pause_s=PAUSE_S) for name in ("distributed", "in_process")}
+    out["moe_layer_after_pause_ms"] = {"tokens": token_counts[0], "pause_ms": 1e3 * PAUSE_S, **paused,
+                                       "overhead_ms": paused["distributed"] - paused["in_process"]}
     out["expert_gemm"] = [gemm_efficiency(bank, layer, t, iters) for t in (256, 1024)]
     return out
+
+
+def _layer_call(layer: int, experts: int, tokens: int, hidden_size: int, dtype: torch.dtype):
+    """router -> one MoE layer call on `tokens` random rows, each sent to 2 random experts."""
+    hidden = torch.randn(tokens, hidden_size, dtype=dtype)
+    index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
+    weights = torch.full((tokens, 2), 0.5, dtype=dtype)
+    return lambda router: router.forward(layer, hidden, index, weights)
 
 
 def gemm_efficiency(bank, layer: int, tokens: int, iters: int) -> dict:
@@ -256,11 +269,12 @@ def _hidden_size(bank, layer: int) -> int:
     return module.gate_up_proj.shape[1] if module.is_transposed else module.gate_up_proj.shape[2]
 
 
-def _time(fn, iters: int) -> float:
-    """Median milliseconds of `fn` over `iters` runs, after one warm-up."""
+def _time(fn, iters: int, pause_s: float = 0.0) -> float:
+    """Median milliseconds of `fn` over `iters` runs, after one warm-up, each run `pause_s` after the last."""
     fn()
     samples = []
     for _ in range(iters):
+        time.sleep(pause_s)
         started = time.perf_counter()
         fn()
         samples.append(1e3 * (time.perf_counter() - started))

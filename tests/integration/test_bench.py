@@ -25,5 +25,7 @@ def test_bench_smoke_emits_a_complete_report(tmp_path):
     assert report["inprocess"]["moe_layer_ms"]["expert_compute"] > 0
     assert {"moe_layer_32_tokens_ms", "moe_layer_2048_tokens_ms", "expert_gemm"} <= set(ours["micro"])
     assert {"distributed", "distributed_grpc_only", "in_process"} <= set(ours["micro"]["moe_layer_32_tokens_ms"])
+    paused = ours["micro"]["moe_layer_after_pause_ms"]
+    assert paused["tokens"] == 32 and paused["pause_ms"] > 0 and paused["distributed"] > 0 and paused["in_process"] > 0
     assert report["stream_interval"] == 2
     assert report["ratios"]["vs_transformers"] > 0 and report["ratios"]["vs_inprocess"] > 0
