@@ -223,7 +223,8 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     routers = {"distributed": ExpertRouter(table, ExpertClient(timeout_s=60)),
                "distributed_grpc_only": ExpertRouter(table, ExpertClient(timeout_s=60, unix_sockets=False)),
                "in_process": ExpertRouter(_single_worker_table(table), LocalExperts([bank]))}
-    calls = {tokens: _layer_call(layer, experts, tokens, _hidden_size(bank, layer), bank.dtype) for tokens in token_counts}
+    hidden_size = _hidden_size(bank, layer)
+    calls = {tokens: _layer_call(layer, experts, tokens, hidden_size, bank.dtype) for tokens in token_counts}
     out = {}
     for tokens, call in calls.items():
         times = {name: _time(partial(call, router), iters) for name, router in routers.items()}

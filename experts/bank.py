@@ -135,16 +135,18 @@ class ExpertBank:
         for name, param in template.named_parameters(recurse=False):
             data = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.device)
             for i, expert in enumerate(experts):
-                if old is not None and expert in old.experts:
-                    data[i] = old.checkpoint_row(name, expert)
-                    continue
-                row = self._read(module, name, layer, expert)
-                if row.shape != data.shape[1:]:
-                    raise CheckpointError(f"{self.checkpoint.path}: layer {layer} expert {expert} {name} has shape "
-                                          f"{tuple(row.shape)}, the model expects {tuple(data.shape[1:])}")
-                data[i] = row
+                kept = old is not None and expert in old.experts
+                data[i] = old.checkpoint_row(name, expert) if kept else self._read_checked(module, name, layer, expert,
+                                                                                            data.shape[1:])
             setattr(module, name, nn.Parameter(data, requires_grad=False))
         return module
+
+    def _read_checked(self, module: nn.Module, param: str, layer: int, expert: int, shape) -> torch.Tensor:
+        row = self._read(module, param, layer, expert)
+        if row.shape != shape:
+            raise CheckpointError(f"{self.checkpoint.path}: layer {layer} expert {expert} {param} has shape "
+                                  f"{tuple(row.shape)}, the model expects {tuple(shape)}")
+        return row
 
     def _read(self, module: nn.Module, param: str, layer: int, expert: int) -> torch.Tensor:
         checkpoint = self.checkpoint
