@@ -4,22 +4,24 @@ A worker on this host is called over its Unix socket, any other over gRPC; both 
 with the same status codes.
 """
 
+import functools
 import socket
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from protos import expert_pb2, expert_pb2_grpc, unix_stream
 from protos.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-# A replica that is gone, or no longer hosts the expert, is worth retrying elsewhere; other errors are not.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.DEADLINE_EXCEEDED}
+# A request the router built wrongly fails the same way on every replica; any other failure is the worker's.
+NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT}
 
 
 class ExpertCallError(RuntimeError):
@@ -31,7 +33,23 @@ class ExpertCallError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        return self.status in RETRYABLE
+        return self.status not in NOT_RETRYABLE
+
+
+@dataclass
+class LayerReplies:
+    """One layer call's answers: [S, D] expert outputs in dispatch order, where every failed worker's rows
+    (`failed`: the error, and its rows' [start, end) in dispatch order) are left unset."""
+
+    out: torch.Tensor
+    compute_s: float = 0.0
+    failed: list[tuple[ExpertCallError, int, int]] = field(default_factory=list)
+
+    def result(self) -> tuple[torch.Tensor, float]:
+        """(outputs, slowest worker's compute s), or the first failure raised."""
+        if self.failed:
+            raise self.failed[0][0]
+        return self.out, self.compute_s
 
 
 class ExpertClient:
@@ -51,66 +69,83 @@ class ExpertClient:
         with self._lock:
             return dict(self._outstanding)
 
-    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]):
-        """[S, D] rows in dispatch order -> ([S, D] unweighted expert outputs, same order; slowest worker's compute s)."""
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]) -> LayerReplies:
+        """[S, D] rows in dispatch order, one call per worker, all in flight at once."""
         calls, start, deadline = [], 0, time.monotonic() + self.timeout_s
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
-            call = self._start(addresses[worker], layer, experts, counts, rows[start:end])
-            calls.append((worker, addresses[worker], experts, end - start, call))
+            call = self._start(addresses[worker], layer, experts, counts, rows[start:end], self.timeout_s)
+            calls.append((worker, addresses[worker], experts, start, end, call))
             start = end
         self._track(calls, +1)
-        replies, failure = [], None
+        replies = LayerReplies(torch.empty_like(rows))
         try:
-            for call in calls:  # every reply is read, even after a failure: a socket left with one would desync
-                try:
-                    replies.append(self._result(layer, *call, deadline))
+            for worker, address, experts, start, end, call in calls:  # every reply is read: a socket left with
+                try:                                                   # one would be out of step
+                    out, compute_s = self._result(layer, worker, address, experts, call, deadline,
+                                                  (end - start, rows.shape[1]))
+                    replies.out[start:end] = out
+                    replies.compute_s = max(replies.compute_s, compute_s)
                 except ExpertCallError as error:
-                    failure = failure or error
+                    replies.failed.append((error, start, end))
         finally:
             self._track(calls, -1)
-        if failure is not None:
-            raise failure
-        out = torch.cat([tensor for tensor, _ in replies]).to(rows.dtype)
-        return out, max(compute_s for _, compute_s in replies)
+        return replies
 
-    def _start(self, address: str, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor):
+    def probe(self, worker: int, address: str, layer: int, expert: int, row: torch.Tensor, timeout_s: float) -> None:
+        """One row through one hosted expert, the way real calls go; raises ExpertCallError unless it answers."""
+        call = self._start(address, layer, [expert], [1], row, timeout_s)
+        self._result(layer, worker, address, [expert], call, time.monotonic() + timeout_s, tuple(row.shape))
+
+    def _start(self, address: str, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor,
+               timeout_s: float):
         """Send the call; returns what `_result` waits on: a Unix socket, or a gRPC future."""
         sock = self._unix_socket(address) if self.unix_sockets else None
         if sock is not None:
             request = expert_pb2.ExpertForwardRequest(layer=layer, experts=experts, counts=counts, hidden=header(rows))
             try:
-                sock.settimeout(self.timeout_s)
+                sock.settimeout(timeout_s)
                 unix_stream.send(sock, request.SerializeToString(), raw_bytes(rows))
                 return sock
             except OSError:
                 self._drop(address)
         request = expert_pb2.ExpertForwardRequest(layer=layer, experts=experts, counts=counts, hidden=to_proto(rows))
-        return self._stub(address).Forward.future(request, timeout=self.timeout_s)
+        return self._stub(address).Forward.future(request, timeout=timeout_s)
 
-    def _result(self, layer: int, worker: int, address: str, experts: list[int], _: int, call, deadline: float):
-        """(expert outputs, compute seconds) of one call."""
+    def _result(self, layer: int, worker: int, address: str, experts: list[int], call, deadline: float,
+                shape: tuple[int, int]):
+        """(expert outputs of `shape`, compute seconds) of one call."""
+        fail = functools.partial(ExpertCallError, worker, address, layer, experts)
         try:
-            if not isinstance(call, socket.socket):
-                reply = call.result()
-                return from_proto(reply.hidden), reply.compute_s
-            call.settimeout(max(deadline - time.monotonic(), 1e-3))
-            code, message, data = unix_stream.receive(call)
-            if code != grpc.StatusCode.OK:
-                raise unix_stream.CallFailed(code, bytes(message).decode())
-            reply = expert_pb2.ExpertForwardResponse.FromString(bytes(message))
-            return from_proto(reply.hidden, data), reply.compute_s
+            out, compute_s = self._reply(call, deadline)
         except grpc.RpcError as error:
-            raise ExpertCallError(worker, address, layer, experts, error.code(), error.details()) from None
+            raise fail(error.code(), error.details()) from None
         except unix_stream.CallFailed as error:
-            raise ExpertCallError(worker, address, layer, experts, error.code, error.details) from None
+            raise fail(error.code, error.details) from None
         except TimeoutError:
             self._drop(address)  # a late reply would desynchronise the stream
-            raise ExpertCallError(worker, address, layer, experts, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"no reply within {self.timeout_s}s") from None
+            raise fail(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply before the deadline") from None
         except OSError as error:
             self._drop(address)
-            raise ExpertCallError(worker, address, layer, experts, grpc.StatusCode.UNAVAILABLE, str(error)) from None
+            raise fail(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        except (ValueError, DecodeError) as error:  # bytes that are no reply
+            self._drop(address)
+            raise fail(grpc.StatusCode.DATA_LOSS, f"malformed reply: {error}") from None
+        if tuple(out.shape) != shape:
+            raise fail(grpc.StatusCode.DATA_LOSS, f"malformed reply: shape {tuple(out.shape)}, expected {shape}")
+        return out, compute_s
+
+    @staticmethod
+    def _reply(call, deadline: float) -> tuple[torch.Tensor, float]:
+        if not isinstance(call, socket.socket):
+            reply = call.result()
+            return from_proto(reply.hidden), reply.compute_s
+        call.settimeout(max(deadline - time.monotonic(), 1e-3))
+        code, message, data = unix_stream.receive(call)
+        if code != grpc.StatusCode.OK:
+            raise unix_stream.CallFailed(code, bytes(message).decode())
+        reply = expert_pb2.ExpertForwardResponse.FromString(bytes(message))
+        return from_proto(reply.hidden, data), reply.compute_s
 
     def _unix_socket(self, address: str) -> socket.socket | None:
         sockets = self._sockets.__dict__
@@ -149,5 +184,5 @@ class ExpertClient:
 
     def _track(self, calls, sign: int) -> None:
         with self._lock:
-            for worker, _, _, n, _ in calls:
-                self._outstanding[worker] += sign * n
+            for worker, _, _, start, end, _ in calls:
+                self._outstanding[worker] += sign * (end - start)

@@ -44,15 +44,8 @@ def plan_dispatch(top_k_index: torch.Tensor, pair_worker: torch.Tensor, num_expe
     )
 
 
-def gather_rows(hidden: torch.Tensor, dispatch: Dispatch, top_k: int) -> torch.Tensor:
-    """[T, D] -> [S, D]: the hidden state of each pair, in dispatch order."""
-    return hidden.index_select(0, dispatch.order // top_k)
-
-
-def combine(expert_out: torch.Tensor, dispatch: Dispatch, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """[S, D] expert outputs in dispatch order -> [T, D] sum over each token's experts, gate-weighted."""
+def combine(pair_out: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """[S, D] expert outputs in pair order -> [T, D] sum over each token's experts, gate-weighted."""
     tokens, top_k = top_k_weights.shape
-    pairs = torch.empty_like(expert_out)
-    pairs[dispatch.order] = expert_out  # [S, D] back in pair order
-    weighted = pairs.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [T, K, D]
+    weighted = pair_out.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [T, K, D]
     return weighted.sum(dim=1)  # [T, D]

@@ -9,6 +9,7 @@ import torch
 
 from experts.bank import ExpertBank
 from experts.layout import experts_modules
+from router.client import LayerReplies
 from router.dispatch import Dispatch
 from router.remote import ExpertRouter
 from router.table import RoutingTable
@@ -29,7 +30,7 @@ class LocalExperts:
             end = start + sum(counts)
             outs.append(self.banks[worker].forward(layer, experts, counts, rows[start:end]))
             start = end
-        return torch.cat(outs), time.perf_counter() - started
+        return LayerReplies(torch.cat(outs), time.perf_counter() - started)
 
 
 def attach_local_experts(model, model_dir, dtype=None) -> ExpertRouter:

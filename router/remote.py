@@ -9,14 +9,16 @@ import functools
 import itertools
 import threading
 import time
+from collections import Counter
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from experts.layout import experts_paths
 from router.client import ExpertCallError
-from router.dispatch import combine, gather_rows, plan_dispatch
-from router.replicas import assign_workers
+from router.dispatch import Dispatch, combine, plan_dispatch
+from router.health import WorkerHealth
+from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
 from router.timings import LayerTimings
@@ -25,23 +27,36 @@ IMPLEMENTATION = "moecluster"
 
 
 class ExpertRouter:
-    """Sends each MoE layer's pairs to live replicas; a failed replica's share is retried on the others."""
+    """Sends each MoE layer's pairs to live replicas. A worker whose call fails is ejected (`health`) and only its
+    share is sent again, to the experts' other replicas; ejected workers are probed in the background and
+    readmitted when they answer."""
 
-    def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None):
+    def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None,
+                 health: WorkerHealth | None = None, probe_timeout_s: float = 1.0):
         self.table, self.client = table, client
         self.policy = policy or RoutingPolicy()
+        self.health = health or WorkerHealth()
+        self.probe_timeout_s = probe_timeout_s
+        self.counters: Counter[str] = Counter()  # retries: pairs sent again after their worker failed
         self._step = threading.local()  # token ids of the forward in progress in each engine thread
-        self._suspect: set[int] = set()
         self._turns = itertools.count()
-        self._last_failure = ""
+        self._probe_row: torch.Tensor | None = None  # [1, D] zeros in the model's dtype
+        self._closed = threading.Event()
         self._stats_lock = threading.Lock()
         self.expert_tokens: dict[int, torch.Tensor] = {}  # layer -> [E] pairs routed since the last `drain`
         self.worker_rows: dict[int, int] = {}
         self.timings = LayerTimings()
+        threading.Thread(target=self._probe_loop, name="expert-probe", daemon=True).start()
 
     def update(self, table: RoutingTable) -> None:
         if table.version != self.table.version:
-            self.table, self._suspect, self._last_failure = table, set(), ""
+            old = self.table.addresses
+            self.health.forget(w for w in old if table.addresses.get(w) != old[w])
+            self.table = table
+
+    def close(self) -> None:
+        self._closed.set()
+        self.health.changed.set()
 
     def attach(self, model) -> None:
         """Route `model`'s experts modules here, and time its gates."""
@@ -59,30 +74,73 @@ class ExpertRouter:
         token_ids = getattr(self._step, "token_ids", None)
         top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, token_ids)
         self._count(layer, top_k_index)
-        while True:
-            try:
-                return self._call(layer, hidden, top_k_index, top_k_weights)
-            except ExpertCallError as error:
-                if not error.retryable:
-                    raise
-                self._suspect.add(error.worker)  # the next try goes to the experts' other replicas
-                self._last_failure = str(error)
-
-    def _call(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        started, table = time.perf_counter(), self.table
-        live = [[w for w in hosts if w not in self._suspect] for hosts in table.replicas[layer]]
-        pair_worker = assign_workers(layer, top_k_index, live, self.client.outstanding(), next(self._turns),
-                                     self._last_failure)
-        dispatch = plan_dispatch(top_k_index, pair_worker, len(live))
-        rows = gather_rows(hidden, dispatch, top_k_index.shape[-1])
-        sent = time.perf_counter()
-        out, compute_s = self.client.forward(layer, dispatch, rows, table.addresses)
-        self._count_workers(dispatch)
+        if self._probe_row is None:
+            self._probe_row = hidden.new_zeros(1, hidden.shape[-1])
+        started = time.perf_counter()
+        pair_out, waited, compute_s = self._expert_outputs(layer, hidden, top_k_index)
         received = time.perf_counter()
-        combined = combine(out, dispatch, top_k_weights).to(hidden.dtype)
-        self.timings.add(dispatch=sent - started, wait=received - sent - compute_s, expert_compute=compute_s,
+        combined = combine(pair_out, top_k_weights).to(hidden.dtype)
+        self.timings.add(dispatch=received - started - waited, wait=waited - compute_s, expert_compute=compute_s,
                          combine=time.perf_counter() - received)
         return combined
+
+    def _expert_outputs(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
+        """([S, D] each pair's expert output in pair order, seconds waited on workers, their compute seconds)."""
+        flat, top_k = top_k_index.reshape(-1), top_k_index.shape[-1]  # [S]
+        out = hidden.new_empty(flat.numel(), hidden.shape[-1])  # [S, D]
+        pending = torch.arange(flat.numel())  # [P] pairs still without an output
+        waited = compute_s = 0.0
+        while pending.numel():
+            table = self.table
+            dispatch = self._plan(layer, table, flat[pending])
+            sent_pairs = pending[dispatch.order]  # [P] in dispatch order
+            rows = hidden.index_select(0, sent_pairs // top_k)
+            sent = time.perf_counter()
+            replies = self.client.forward(layer, dispatch, rows, table.addresses)
+            waited += time.perf_counter() - sent
+            compute_s += replies.compute_s
+            self._count_workers(dispatch)
+            failed = torch.zeros(len(sent_pairs), dtype=torch.bool)
+            for error, a, b in replies.failed:
+                if not error.retryable:
+                    raise error
+                self.health.eject(error.worker, str(error))
+                failed[a:b] = True
+            out[sent_pairs[~failed]] = replies.out[~failed]
+            pending = sent_pairs[failed]
+            self.counters["retries"] += int(pending.numel())
+        return out, waited, compute_s
+
+    def _plan(self, layer: int, table: RoutingTable, experts: torch.Tensor) -> Dispatch:
+        ejected = self.health.ejected()
+        hosts = table.replicas[layer]
+        live = [[w for w in workers if w not in ejected] for workers in hosts]
+        try:
+            pair_worker = assign_workers(layer, experts, live, self.client.outstanding(), next(self._turns))
+        except NoReplica as error:
+            why = next((self.health.reason(w) for w in hosts[error.expert] if self.health.reason(w)), "")
+            raise NoReplica(layer, error.expert, why) from None
+        return plan_dispatch(experts, pair_worker, len(live))
+
+    def _probe_loop(self) -> None:
+        while not self._closed.is_set():
+            self.health.changed.wait(self.health.next_due_s())
+            self.health.changed.clear()
+            for worker in self.health.due():
+                self.health.probed(worker, self._probe(worker))
+
+    def _probe(self, worker: int) -> str | None:
+        """None when `worker` answers a one-row Forward through an expert it hosts, else why not."""
+        table = self.table
+        hosted = next(((layer, e) for layer, hosts in table.replicas.items() for e, workers in enumerate(hosts)
+                       if worker in workers), None)
+        if hosted is None or worker not in table.addresses or self._probe_row is None:
+            return None  # nothing to route to it: nothing to keep it out of
+        try:
+            self.client.probe(worker, table.addresses[worker], *hosted, self._probe_row, self.probe_timeout_s)
+        except ExpertCallError as error:
+            return str(error)
+        return None
 
     def _count(self, layer: int, top_k_index: torch.Tensor) -> None:
         counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self.table.replicas[layer]))

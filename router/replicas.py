@@ -17,13 +17,12 @@ class NoReplica(LookupError):
 
 def assign_workers(
     layer: int, top_k_index: torch.Tensor, replicas: list[list[int]], outstanding: dict[int, int], turn: int = 0,
-    last_failure: str = "",
 ) -> torch.Tensor:
     """[T, K] worker of each pair: every expert's rows go, in near-equal chunks, to its least-loaded replicas.
 
     replicas: per expert, the workers hosting it; outstanding: rows in flight per worker before this call;
     turn: rotates ties between equally loaded replicas from call to call. Heavier experts choose first,
-    and each chunk adds to its worker's load for the experts after it. `last_failure` explains a NoReplica.
+    and each chunk adds to its worker's load for the experts after it.
     """
     if all(len(hosts) == 1 for hosts in replicas):  # one live replica each: nothing to balance
         return torch.tensor([hosts[0] for hosts in replicas])[top_k_index]
@@ -36,7 +35,7 @@ def assign_workers(
     for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
         hosts = replicas[expert]
         if not hosts:
-            raise NoReplica(layer, expert, last_failure)
+            raise NoReplica(layer, expert)
         rows = order[starts[expert] : starts[expert] + counts[expert]]
         parts = max(1, min(len(hosts), len(rows) // MIN_SPLIT))
         chosen = sorted(hosts, key=lambda w: (load.get(w, 0), (w - turn) % (max(hosts) + 1)))[:parts]

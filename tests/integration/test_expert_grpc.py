@@ -88,7 +88,7 @@ def test_worker_error_fails_the_call_with_its_status(checkpoints, transport):
     try:
         dispatch = plan_dispatch(torch.tensor([[1]]), torch.tensor([[0]]), 8)
         with pytest.raises(ExpertCallError, match="NOT_FOUND") as info:
-            workers.forward(0, dispatch, torch.zeros(1, 64), workers.addresses)
+            workers.forward(0, dispatch, torch.zeros(1, 64), workers.addresses).result()
         assert info.value.status == grpc.StatusCode.NOT_FOUND
         channel = grpc.insecure_channel(workers.addresses[0])
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME))
@@ -104,13 +104,13 @@ def test_unix_socket_carries_calls_on_the_workers_host(checkpoints):
     workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True)
     try:
         dispatch = plan_dispatch(torch.tensor([[0]]), torch.tensor([[0]]), 8)
-        want, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses)
+        want, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses).result()
         workers.servers[0].grpc.stop(None)  # only the Unix socket is left
-        got, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses)
+        got, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses).result()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         workers.servers[0].unix.stop()
         with pytest.raises(ExpertCallError) as info:
-            workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses)
+            workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses).result()
         assert info.value.status == grpc.StatusCode.UNAVAILABLE and info.value.retryable
     finally:
         workers.stop()
@@ -126,9 +126,9 @@ def test_a_failed_call_leaves_the_other_workers_streams_in_step(checkpoints):
         first, second = torch.ones(2, 64), torch.full((2, 64), 2.0)
         with pytest.raises(ExpertCallError, match="NOT_FOUND"):  # worker 0 fails first; worker 1 answers
             workers.forward(0, plan_dispatch(torch.tensor([[5], [1]]), torch.tensor([[0], [1]]), 8), first,
-                            workers.addresses)
+                            workers.addresses).result()
         got, _ = workers.forward(0, plan_dispatch(torch.tensor([[1]]), torch.tensor([[1]]), 8), second[:1],
-                                 workers.addresses)
+                                 workers.addresses).result()
         want = banks[1].forward(0, [1], [1], second[:1])
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # the answer to this call, not the last one's
     finally:
@@ -181,7 +181,7 @@ def test_unix_socket_refuses_a_frame_over_the_limits_and_keeps_serving(checkpoin
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and b"limits" in details
         assert sock.recv(1) == b""  # hung up: nothing after that header can be trusted
         dispatch = plan_dispatch(torch.tensor([[0]] * 3), torch.zeros(3, 1, dtype=torch.long), 8)
-        out, _ = workers.forward(0, dispatch, torch.randn(3, 64), workers.addresses)  # a new connection
+        out, _ = workers.forward(0, dispatch, torch.randn(3, 64), workers.addresses).result()  # a new connection
         assert out.shape == (3, 64)
     finally:
         sock.close()
@@ -202,7 +202,7 @@ def test_silent_unix_worker_misses_its_deadline():
     try:
         dispatch = plan_dispatch(torch.tensor([[0]]), torch.tensor([[0]]), 8)
         with pytest.raises(ExpertCallError) as info:
-            client.forward(0, dispatch, torch.ones(1, 64), {0: address})
+            client.forward(0, dispatch, torch.ones(1, 64), {0: address}).result()
         assert info.value.status == grpc.StatusCode.DEADLINE_EXCEEDED and info.value.retryable
     finally:
         client.close()

@@ -1,6 +1,6 @@
 import torch
 
-from router.dispatch import combine, gather_rows, plan_dispatch
+from router.dispatch import combine, plan_dispatch
 
 
 def reference_moe(hidden, top_k_index, top_k_weights, expert_fn):
@@ -22,9 +22,11 @@ def test_dispatch_then_combine_equals_per_token_loop():
     expert_worker = torch.tensor([0, 1, 2, 0, 1, 2])
 
     dispatch = plan_dispatch(top_k_index, expert_worker[top_k_index], experts)
-    rows = gather_rows(hidden, dispatch, top_k)
+    rows = hidden[dispatch.order // top_k]  # [S, D] as sent
     row_expert = torch.repeat_interleave(torch.tensor(dispatch.experts), torch.tensor(dispatch.counts))
-    out = combine(rows * scale[row_expert, None], dispatch, top_k_weights)
+    pair_out = torch.empty_like(rows)
+    pair_out[dispatch.order] = rows * scale[row_expert, None]  # back in pair order
+    out = combine(pair_out, top_k_weights)
 
     expected = reference_moe(hidden, top_k_index, top_k_weights, lambda e, x: x * scale[e])
     torch.testing.assert_close(out, expected)

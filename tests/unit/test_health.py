@@ -1,0 +1,176 @@
+"""Outlier detection (eject, back off, probe, readmit) and the router's retry of only a failed worker's share."""
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from router.client import ExpertCallError, LayerReplies
+from router.health import WorkerHealth
+from router.remote import ExpertRouter
+from router.replicas import NoReplica
+from router.table import RoutingTable
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_backoff_doubles_per_failed_probe_up_to_its_cap_then_readmits():
+    clock = Clock()
+    health = WorkerHealth(base_s=0.25, max_s=1.0, clock=clock)
+    health.eject(3, "DEADLINE_EXCEEDED")
+    health.eject(3, "seen twice")  # a second call failing on the same worker is the same ejection
+    assert health.ejected() == {3} and health.due() == [] and health.reason(3) == "DEADLINE_EXCEEDED"
+    waits = []
+    for _ in range(4):
+        waits.append(health.next_due_s())
+        clock.now += waits[-1]
+        assert health.due() == [3]
+        health.probed(3, "still silent")
+    assert waits == [0.25, 0.5, 1.0, 1.0]
+    clock.now += 1.0
+    health.probed(3, None)
+    assert health.ejected() == set() and health.next_due_s() is None
+    assert dict(health.counters) == {"ejections": 1, "probes": 5, "probe_failures": 4, "readmissions": 1}
+
+
+def test_a_worker_that_fails_again_soon_after_readmission_backs_off_longer():
+    clock = Clock()
+    health = WorkerHealth(base_s=0.25, max_s=4.0, healthy_s=10.0, clock=clock)
+    health.eject(0, "x")
+    clock.now += 0.25
+    health.probed(0, None)
+    health.eject(0, "x")  # flapping: the streak goes on
+    assert health.next_due_s() == 0.5
+    clock.now += 0.5
+    health.probed(0, None)
+    clock.now += 10.0  # served well for healthy_s: a later failure starts over
+    health.eject(0, "x")
+    assert health.next_due_s() == 0.25
+
+
+def test_forgotten_workers_start_afresh():
+    health = WorkerHealth()
+    health.eject(1, "gone")
+    health.forget([1])
+    assert health.ejected() == set()
+    health.probed(1, None)  # a probe that finished after the worker was replaced changes nothing
+    assert health.counters["readmissions"] == 0
+
+
+class FakeWorkers:
+    """ExpertClient's contract: expert e multiplies its rows by e + 1; workers in `failing` fail with `status`."""
+
+    def __init__(self, status=grpc.StatusCode.DEADLINE_EXCEEDED):
+        self.failing: set[int] = set()
+        self.status = status
+        self.sent: list[tuple[int, int]] = []  # (worker, rows) of every call
+        self.probes: list[int] = []
+
+    def outstanding(self):
+        return {}
+
+    def forward(self, layer, dispatch, rows, addresses):
+        replies, start = LayerReplies(torch.empty_like(rows)), 0
+        for worker, experts, counts in dispatch.per_worker():
+            end = start + sum(counts)
+            self.sent.append((worker, end - start))
+            if worker in self.failing:
+                replies.failed.append((ExpertCallError(worker, addresses[worker], layer, experts, self.status, "x"),
+                                       start, end))
+            else:
+                scale = torch.repeat_interleave(torch.tensor(experts) + 1.0, torch.tensor(counts))
+                replies.out[start:end] = rows[start:end] * scale[:, None]
+            start = end
+        return replies
+
+    def probe(self, worker, address, layer, expert, row, timeout_s):
+        self.probes.append(worker)
+        if worker in self.failing:
+            raise ExpertCallError(worker, address, layer, [expert], self.status, "still failing")
+
+
+def reference(hidden, index, weights):
+    return ((index + 1.0).unsqueeze(-1) * hidden.unsqueeze(1) * weights.unsqueeze(-1)).sum(1)
+
+
+def layer_inputs(tokens=24, experts=4, top_k=2):
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, 8)
+    index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    return hidden, index, torch.rand(tokens, top_k)
+
+
+def router_over(workers, replicas, health=None):
+    table = RoutingTable(1, {w: f"w{w}" for w in range(3)}, {0: replicas})
+    return ExpertRouter(table, workers, health=health or WorkerHealth(base_s=0.05, max_s=0.05))
+
+
+def test_only_the_failed_workers_share_is_sent_again():
+    workers = FakeWorkers()
+    router = router_over(workers, [[0], [1, 2], [1, 2], [0]])  # worker 1's experts also live on worker 2
+    hidden, index, weights = layer_inputs()
+    workers.failing = {1}
+    try:
+        out = router.forward(0, hidden, index, weights)
+        torch.testing.assert_close(out, reference(hidden, index, weights))
+        first, retry = workers.sent[: len(workers.sent) - 1], workers.sent[-1]
+        failed_rows = dict(first)[1]
+        assert retry == (2, failed_rows)  # worker 0's share was not sent again
+        assert router.counters["retries"] == failed_rows
+        assert router.health.ejected() == {1}
+    finally:
+        router.close()
+
+
+def test_an_ejected_worker_is_probed_and_readmitted_once_it_answers():
+    workers = FakeWorkers()
+    router = router_over(workers, [[0], [1], [1], [0]])
+    hidden, index, weights = layer_inputs()
+    workers.failing = {1}
+    try:
+        with pytest.raises(NoReplica, match="layer 0 expert [12] has no live replica.*DEADLINE_EXCEEDED"):
+            router.forward(0, hidden, index, weights)
+        with pytest.raises(NoReplica):  # fails fast while ejected: worker 1 gets no call
+            calls = len(workers.sent)
+            router.forward(0, hidden, index, weights)
+        assert len(workers.sent) == calls
+        time.sleep(0.3)
+        assert workers.probes and router.health.ejected() == {1}  # probed, still failing
+        workers.failing = set()
+        deadline = time.monotonic() + 5
+        while router.health.ejected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        torch.testing.assert_close(router.forward(0, hidden, index, weights), reference(hidden, index, weights))
+        assert router.health.counters["readmissions"] == 1
+    finally:
+        router.close()
+
+
+def test_a_request_the_router_built_wrongly_is_not_retried():
+    workers = FakeWorkers(grpc.StatusCode.INVALID_ARGUMENT)
+    router = router_over(workers, [[0, 1], [0, 1], [0, 1], [0, 1]])
+    workers.failing = {0, 1}
+    try:
+        with pytest.raises(ExpertCallError, match="INVALID_ARGUMENT"):
+            router.forward(0, *layer_inputs())
+        assert router.health.ejected() == set()
+    finally:
+        router.close()
+
+
+def test_a_new_routing_table_forgets_only_replaced_workers():
+    router = router_over(FakeWorkers(), [[0], [1], [2], [0]])
+    try:
+        router.health.eject(1, "x")
+        router.health.eject(2, "y")
+        router.update(RoutingTable(2, {0: "w0", 1: "w1", 2: "w2-new"}, router.table.replicas))
+        assert router.health.ejected() == {1}
+    finally:
+        router.close()
