@@ -33,6 +33,7 @@ from router.routing import centroids_path, load_centroids, policy_for_model
 log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
 REPORT_INTERVAL_S = 0.2
+PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
 
 @api.exception_handler(RequestValidationError)
@@ -65,7 +66,8 @@ class MoEServer:
         self.model = load_dense_model(model_dir, self.config.dtype)
         self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
         self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()),
-                                   ExpertClient(self.config.expert_timeout_s))
+                                   ExpertClient(self.config.expert_timeout_s),
+                                   probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S))
         self.router.attach(self.model)
         self.router.policy = routing_policy(self.model, model_dir, self.config.routing)
         self.context_len = self.model.config.max_position_embeddings
@@ -76,7 +78,9 @@ class MoEServer:
         threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
 
     def __del__(self):
-        # Serve calls this on a graceful shutdown: placement groups outlive their creator unless removed.
+        # Serve calls this on a graceful shutdown: the workers and their placement group are detached, so they
+        # outlive every replica unless the last one releases them.
+        self.router.close()
         try:
             if ray.get(self.controller.release.remote(self._router_id), timeout=30):
                 ray.kill(self.controller)
@@ -88,16 +92,23 @@ class MoEServer:
         ray.get(self.controller.set_replicas.remote(user_config.get("expert_replicas", {})))
 
     def _report_loop(self) -> None:
+        reachable = True
         while True:
             time.sleep(REPORT_INTERVAL_S)
             experts, workers = self.router.drain()
-            timings = self.router.timings.drain()
+            report = (experts, workers, self.router.timings.drain(), self.router.drain_counters())
             try:
-                table = ray.get(self.controller.report.remote(self._router_id, self.router.table.version,
-                                                              experts, workers, timings), timeout=10)
-            except Exception:
-                log.exception("expert controller unreachable")
+                table = ray.get(self.controller.report.remote(self._router_id, self.router.table.version, *report),
+                                timeout=10)
+            except Exception as error:  # a restarting controller: serve on with the last routing table
+                if reachable:
+                    log.warning("expert controller unreachable, serving with routing table v%d: %s",
+                                self.router.table.version, type(error).__name__)
+                reachable = False
                 continue
+            if not reachable:
+                log.warning("expert controller reachable again")
+            reachable = True
             if table is not None:
                 self.router.update(table)
 

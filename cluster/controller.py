@@ -3,6 +3,9 @@ the routing table. It scales replicas, rebalances them by load, and replaces wor
 
 Changes follow one order, so no request in flight fails or stalls: load the new replicas, publish the new
 routing table and wait for the routers to take it, then retire the old replicas.
+
+It is no single point of failure: Ray restarts it when it dies, and the restarted controller adopts the
+workers (detached actors) and the plan it saved (`plan_store`); routers serve with their last table meanwhile.
 """
 
 import logging
@@ -14,6 +17,7 @@ from collections import Counter
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster import plan_store
 from cluster.config import ServeConfig
 from cluster.load_window import TokenWindow
 from cluster.placement import (
@@ -27,11 +31,15 @@ from cluster.placement import (
 )
 from cluster.workers import WorkerSlots
 from experts.layout import expert_nbytes, moe_shape
+from router.health import COUNTERS as ROUTER_COUNTERS
 from router.table import RoutingTable
 from router.timings import merge, per_call_ms
 
 log = logging.getLogger(__name__)
 ROUTER_TTL_S = 5.0
+ORPHAN_S = 15.0  # no router for this long, and no Serve application of our name: the workers are freed
+REPLACE_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed replacement again
+HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "replacements", "replacement_failures")
 
 
 class ExpertController:
@@ -40,18 +48,30 @@ class ExpertController:
         self.model_dir, self.app = model_dir, app
         self.shape = moe_shape(model_dir)
         self.expert_bytes = expert_nbytes(model_dir, self.config.dtype)
-        self.counts = replica_counts(self.shape, self.config.replica_counts(), self.config.default_replicas)
-        self.slots = WorkerSlots(self.config, model_dir, app)
-        self.plan: Plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes,
-                                         by_layer=self.slots.by_layer)
-        self.slots.start(self.plan)
-        self.version = 0
+        saved = plan_store.load(app)
+        self.slots = WorkerSlots(self.config, model_dir, app, adopt=saved is not None)
+        if self.slots.adopted:
+            self.version, self.plan, self.counts = saved
+            self.version += 1  # addresses may have changed while no controller ran
+            self.slots.adopt(self.plan)
+            log.warning("controller restarted: adopted workers %s of plan v%d", sorted(self.slots.actors), saved[0])
+        else:
+            self.counts = replica_counts(self.shape, self.config.replica_counts(), self.config.default_replicas)
+            self.plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes,
+                                       by_layer=self.slots.by_layer)
+            self.slots.start(self.plan)
+            self.version = 0
         self.table = self._table()
+        plan_store.save(app, self.version, self.plan, self.counts)
         self.window = TokenWindow(self.config.rebalance.window_s)
         self.worker_rows: Counter = Counter()  # rows per worker since the plan last changed
         self.routers: dict[str, tuple[int, float]] = {}  # router id -> (table version, last report time)
         self.layer_timings: dict = {}  # summed over every MoE layer call since start
-        self._lock = threading.RLock()
+        self.counters: Counter[str] = Counter()  # the health model's doings, the routers' summed with ours
+        self._lock = threading.RLock()  # plan changes: held for as long as one takes
+        self._stats_lock = threading.Lock()  # what reports add to: never held for long
+        self._started = time.monotonic()
+        self._replace_at, self._replace_failures, self.replace_error = 0.0, 0, ""
         threading.Thread(target=self._watch, name="controller-watch", daemon=True).start()
 
     # --- routers ---
@@ -60,13 +80,17 @@ class ExpertController:
         return self.table
 
     def report(self, router: str, version: int, expert_tokens: dict[str, int], worker_rows: dict[int, int],
-               timings: dict | None = None):
-        """A router's periodic check-in: its load counts in, a newer routing table out (or None)."""
-        self.routers[router] = (version, time.monotonic())
-        self.window.add(expert_tokens)
-        self.worker_rows.update(worker_rows)
-        self.layer_timings = merge(self.layer_timings, timings or {})
-        return self.table if self.table.version != version else None
+               timings: dict | None = None, counters: dict[str, int] | None = None):
+        """A router's periodic check-in: its load counts and health counters in, a newer routing table out (or
+        None)."""
+        with self._stats_lock:
+            self.routers[router] = (version, time.monotonic())
+            self.window.add(expert_tokens)
+            self.worker_rows.update(worker_rows)
+            self.layer_timings = merge(self.layer_timings, timings or {})
+            self.counters.update(counters or {})
+        table = self.table
+        return table if table.version != version else None
 
     # --- operators ---
 
@@ -87,7 +111,9 @@ class ExpertController:
     def rebalance(self) -> dict:
         """Turn the window's tokens per expert into replica counts and a placement, and apply them."""
         with self._lock:
-            tokens = {pair: float(self.window.totals().get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
+            with self._stats_lock:
+                totals = self.window.totals()
+            tokens = {pair: float(totals.get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
             counts = rebalance_counts(tokens, self._replica_budget(), len(self.plan))
             return self._replan(counts, load=tokens)
 
@@ -97,11 +123,16 @@ class ExpertController:
     def release(self, router: str) -> bool:
         """A serving replica is going away; the last one out frees the workers and their placement group."""
         with self._lock:
-            self.routers.pop(router, None)
+            with self._stats_lock:
+                self.routers.pop(router, None)
             if self._live_routers():
                 return False
-            self.slots.shutdown()
+            self._free()
             return True
+
+    def _free(self) -> None:
+        self.slots.shutdown()
+        plan_store.delete(self.app)
 
     # --- internals ---
 
@@ -112,6 +143,7 @@ class ExpertController:
         removes = [sorted(set(old) - set(new)) for new, old in zip(plan, self.plan)]
         self.slots.call_each("load", adds)
         self.plan, self.counts = plan, counts
+        plan_store.save(self.app, self.version + 1, plan, counts)
         self._publish()
         self.slots.call_each("unload", removes)
         return self._status()
@@ -119,14 +151,16 @@ class ExpertController:
     def _publish(self) -> None:
         self.version += 1
         self.table = self._table()
-        self.worker_rows = Counter()
+        with self._stats_lock:
+            self.worker_rows = Counter()
         deadline = time.monotonic() + 2 * ROUTER_TTL_S
         while time.monotonic() < deadline and any(v < self.version for v in self._live_routers().values()):
             time.sleep(0.05)
 
-    def _live_routers(self) -> dict[str, int]:
+    def _live_routers(self, ttl_s: float = ROUTER_TTL_S) -> dict[str, int]:
         now = time.monotonic()
-        return {r: v for r, (v, seen) in self.routers.items() if now - seen < ROUTER_TTL_S}
+        with self._stats_lock:
+            return {r: v for r, (v, seen) in self.routers.items() if now - seen < ttl_s}
 
     def _table(self) -> RoutingTable:
         return RoutingTable.from_plan(self.version, self.plan, self.slots.live_addresses(), self.shape)
@@ -146,6 +180,11 @@ class ExpertController:
         while True:
             time.sleep(1.0)
             try:
+                if self._orphaned():
+                    log.warning("application %s is gone from Serve: freeing its expert workers", self.app)
+                    self._free()
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                    return
                 self._heal()
                 cfg = self.config.rebalance
                 if cfg.enabled and time.monotonic() - last_rebalance >= cfg.interval_s:
@@ -154,19 +193,46 @@ class ExpertController:
             except Exception:
                 log.exception("controller watch step failed")
 
+    def _orphaned(self) -> bool:
+        """No router has reported for ORPHAN_S and Serve runs no application of our name: its replicas died
+        without the graceful shutdown that would have released the workers."""
+        if time.monotonic() - self._started < ORPHAN_S or self._live_routers(ORPHAN_S):
+            return False
+        from ray import serve
+
+        return self.app not in serve.status().applications
+
     def _heal(self) -> None:
         dead = self.slots.dead()
-        if not dead:
-            return
-        with self._lock:
-            log.warning("expert workers %s are gone; routing around them and replacing them", dead)
-            self.slots.forget(dead)
-            self._publish()  # routers stop sending to the dead workers at once
-            self.slots.replace(dead, self.plan)
+        if dead:
+            with self._lock:
+                log.warning("expert workers %s are gone; routing around them and replacing them", dead)
+                self.slots.forget(dead)
+                self._publish()  # routers stop sending to the dead workers at once
+        vacant = self.slots.vacant()
+        if vacant and time.monotonic() >= self._replace_at:
+            with self._lock:
+                self._replace(vacant)
+
+    def _replace(self, slots: list[int]) -> None:
+        failed = self.slots.replace(slots, self.plan)
+        self.counters["replacements"] += len(slots) - len(failed)
+        if failed:
+            self.counters["replacement_failures"] += len(failed)
+            self._replace_failures += 1
+            first, longest = REPLACE_BACKOFF_S
+            wait = min(first * 2 ** (self._replace_failures - 1), longest)
+            self._replace_at, self.replace_error = time.monotonic() + wait, "; ".join(
+                f"worker {slot}: {why}" for slot, why in sorted(failed.items()))
+            log.error("could not replace expert workers (next try in %.0fs): %s", wait, self.replace_error)
+        else:
+            self._replace_failures, self.replace_error = 0, ""
+        if len(failed) < len(slots):
             self._publish()
 
     def _status(self) -> dict:
-        tokens = self.window.totals()
+        with self._stats_lock:
+            tokens, worker_rows, counters = self.window.totals(), dict(self.worker_rows), dict(self.counters)
         stats = self.slots.stats()
         per_pair = {pair: float(tokens.get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
         return {
@@ -179,7 +245,7 @@ class ExpertController:
                       for n in ray.nodes()],
             "workers": [
                 {"worker": w, **stats.get(w, {"alive": False}), "replicas": [f"{l}:{e}" for l, e in sorted(pairs)],
-                 "tokens_since_plan": self.worker_rows.get(w, 0)}
+                 "tokens_since_plan": worker_rows.get(w, 0)}
                 for w, pairs in enumerate(self.plan)
             ],
             "replica_counts": {f"{l}:{e}": n for (l, e), n in sorted(self.counts.items())},
@@ -188,6 +254,9 @@ class ExpertController:
             "projected_worker_tokens": worker_loads(self.plan, self.counts, per_pair),
             "layer_timings": self.layer_timings,
             "layer_timings_ms": per_call_ms(self.layer_timings),
+            "health": {name: counters.get(name, 0) for name in HEALTH_COUNTERS},
+            "replacement_error": self.replace_error,
+            "routers": len(self._live_routers()),
         }
 
 
@@ -211,14 +280,15 @@ def controller_name(app: str) -> str:
 def start_controller(config: ServeConfig, model_dir: str, app: str):
     """The application's controller: created by its first replica, shared by the others.
 
-    It owns the workers, so it lives beside the serving replica: losing an expert node never takes it along.
+    It prefers the serving replica's node, so losing an expert node never takes it along; it is detached and
+    restarted by Ray, so losing its process or its node does not lose the workers or the plan.
     """
     from cluster.workers import NAMESPACE
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     controller = ray.remote(ExpertController).options(
-        name=controller_name(app), namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=16,
-        scheduling_strategy=here,
+        name=controller_name(app), namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
+        num_cpus=0, max_concurrency=16, scheduling_strategy=here,
     ).remote(config.model_dump(), model_dir, app)
     ray.get(controller.routing_table.remote(), timeout=config.startup_timeout_s + 60)
     return controller

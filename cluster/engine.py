@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from cluster import kv_batch
 from cluster.detokenize import IncrementalText
-from cluster.errors import Overloaded, as_serving_error
+from cluster.errors import ExpertUnavailable, Overloaded, as_serving_error
 from cluster.sampling import sample_token
 from experts.threads import use_process_threads
 
@@ -110,7 +110,10 @@ class _Lane:
                     if self.running:
                         self._decode()
             except Exception as error:  # a failed step fails every sequence in it, never a wrong token
-                log.exception("engine step failed")
+                if isinstance(as_serving_error(error), ExpertUnavailable):
+                    log.warning("engine step failed: %s", error)
+                else:
+                    log.exception("engine step failed")
                 self._fail(self.running + [s for s in new if s not in self.running], error)
 
     def _prefill(self, seqs: list[Sequence]) -> None:

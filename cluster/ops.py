@@ -53,6 +53,10 @@ def format_status(status: dict) -> str:
         memory = f"{w.get('weight_bytes', 0) / 2**20:.1f}MiB"
         lines.append(f"{w['worker']:<7} {w.get('node_id', '-')[:24]:<25} {w.get('address', '-'):<21} "
                      f"{w['alive']!s:<6} {memory:<8} {w['tokens_since_plan']:<7} {' '.join(w['replicas'])}")
+    health = "  ".join(f"{name} {n}" for name, n in status["health"].items())
+    lines += ["", f"health: {health}"]
+    if status["replacement_error"]:
+        lines.append(f"replacement failing: {status['replacement_error']}")
     lines += ["", f"tokens per worker since the plan changed: max/mean = {balance(status):.2f}",
               f"tokens per expert over the last {status['window_s']:.0f}s (replicas):"]
     counts = status["replica_counts"]

@@ -1,8 +1,12 @@
 """Expert worker slots: one placement-group bundle each, on distinct nodes where there are enough.
 
 A slot keeps its bundle for the application's life; when its actor dies (or its node does), a new actor
-takes the bundle, which Ray moves to a live node.
+takes the bundle, which Ray moves to a live node. The group and the workers are detached: they outlive the
+controller, so a restarted controller adopts them by name instead of starting over.
 """
+
+import logging
+import time
 
 
 import ray
@@ -15,8 +19,9 @@ from cluster.node_env import ACTOR_ENV
 from cluster.placement import packs_layers
 from experts.worker import ExpertWorker
 
+log = logging.getLogger(__name__)
 NAMESPACE = "moecluster"
-HEALTH_TIMEOUT_S = 10.0
+HEALTH_TIMEOUT_S = 10.0  # a worker that does not answer Ray for this long is taken for gone, and replaced
 
 
 class PlacementError(RuntimeError):
@@ -27,12 +32,19 @@ def worker_name(app: str, slot: int) -> str:
     return f"{app}:expert-worker-{slot}"
 
 
+def group_name(app: str) -> str:
+    return f"{app}:expert-workers"
+
+
 class WorkerSlots:
-    def __init__(self, config: ServeConfig, model_dir: str, app: str):
+    def __init__(self, config: ServeConfig, model_dir: str, app: str, adopt: bool = False):
+        """`adopt`: take over the application's existing placement group, if it has one, instead of a new one."""
         self.config, self.model_dir, self.app = config, model_dir, app
         self.bundle = _bundle(config)
         self.size = config.num_workers
-        self.group = _place(self.bundle, self.size, config.startup_timeout_s, name=f"{app}:expert-workers")
+        self.group = (adopt and _existing_group(group_name(app))) or _place(
+            self.bundle, self.size, config.startup_timeout_s, name=group_name(app))
+        self.adopted = adopt and self.group is not None
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
         self.by_layer = packs_layers(config.placement, self.nodes())
@@ -42,21 +54,50 @@ class WorkerSlots:
         return [bundles.get(slot, f"pending-{slot}") for slot in range(self.size)]
 
     def start(self, plan: list[list[tuple[int, int]]]) -> None:
-        self.replace(range(self.size), plan)
+        for slot in range(self.size):  # a worker left by an earlier life of the application holds its name
+            _kill_named(worker_name(self.app, slot))
+        failed = self.replace(range(self.size), plan)
+        if failed:
+            self.shutdown()
+            raise PlacementError(f"expert workers failed to start: {failed}")
 
-    def replace(self, slots, plan: list[list[tuple[int, int]]]) -> None:
+    def adopt(self, plan: list[list[tuple[int, int]]]) -> None:
+        """Take over the workers still alive under their names, hosting what `plan` says; the others stay vacant."""
+        for slot in range(self.size):
+            try:
+                actor = ray.get_actor(worker_name(self.app, slot), namespace=NAMESPACE)
+                hosted = set(map(tuple, ray.get(actor.stats.remote(), timeout=HEALTH_TIMEOUT_S)["pairs"]))
+                want = set(plan[slot])
+                ray.get([actor.load.remote(sorted(want - hosted)), actor.unload.remote(sorted(hosted - want))],
+                        timeout=self.config.startup_timeout_s)
+                self.addresses[slot] = ray.get(actor.address.remote(), timeout=HEALTH_TIMEOUT_S)
+                self.actors[slot] = actor
+            except (ValueError, RayActorError, GetTimeoutError) as error:
+                log.warning("expert worker %d could not be adopted (%s); it will be replaced", slot, error)
+
+    def vacant(self) -> list[int]:
+        return [slot for slot in range(self.size) if slot not in self.actors]
+
+    def replace(self, slots, plan: list[list[tuple[int, int]]]) -> dict[int, str]:
+        """New workers in `slots`, loading their share of `plan`; returns why each one that failed did."""
         for slot in slots:
             self.actors[slot] = self._spawn(slot, plan[slot])
         refs = {slot: self.actors[slot].address.remote() for slot in slots}
+        failed = {}
         for slot, ref in refs.items():
-            self.addresses[slot] = ray.get(ref, timeout=self.config.startup_timeout_s)
+            try:
+                self.addresses[slot] = ray.get(ref, timeout=self.config.startup_timeout_s)
+            except (RayActorError, GetTimeoutError) as error:
+                failed[slot] = _first_line(error)
+                self.forget([slot])
+        return failed
 
     def _spawn(self, slot: int, pairs: list[tuple[int, int]]):
         dtype = None if self.config.dtype == "auto" else self.config.dtype
         return (
             ray.remote(ExpertWorker)
             .options(
-                name=worker_name(self.app, slot), namespace=NAMESPACE, max_concurrency=4,
+                name=worker_name(self.app, slot), namespace=NAMESPACE, lifetime="detached", max_concurrency=4,
                 num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
                 runtime_env={"env_vars": ACTOR_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
@@ -95,10 +136,9 @@ class WorkerSlots:
 
     def forget(self, slots) -> None:
         for slot in slots:
-            actor = self.actors.pop(slot, None)
             self.addresses.pop(slot, None)
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
+            if self.actors.pop(slot, None) is not None:
+                _kill_named(worker_name(self.app, slot))
 
     def stats(self) -> dict[int, dict]:
         refs = {slot: actor.stats.remote() for slot, actor in self._live()}
@@ -113,6 +153,32 @@ class WorkerSlots:
     def shutdown(self) -> None:
         self.forget(list(self.actors))
         remove_placement_group(self.group)
+
+
+def _kill_named(name: str, timeout_s: float = 30.0) -> None:
+    """Kill the actor called `name`, if any, and wait until its name is free for a successor."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            return
+        time.sleep(0.1)
+
+
+def _existing_group(name: str):
+    try:
+        group = get_placement_group(name)
+    except ValueError:
+        return None
+    return group if placement_group_table(group).get("state") != "REMOVED" else None
+
+
+def _first_line(error: Exception) -> str:
+    """The cause of an actor's failed start, without Ray's traceback."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _bundle(config: ServeConfig) -> dict:
@@ -141,7 +207,7 @@ def _place(bundle: dict, size: int, timeout_s: float, name: str = ""):
         )
     spread = sum(1 for r in nodes if all(r.get(k, 0) >= v for k, v in bundle.items()))
     strategy = "STRICT_SPREAD" if spread >= size > 1 else "SPREAD"
-    group = placement_group([bundle] * size, strategy=strategy, name=name)
+    group = placement_group([bundle] * size, strategy=strategy, name=name, lifetime="detached")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)

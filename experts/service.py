@@ -24,6 +24,7 @@ _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_len
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     def __init__(self, bank: ExpertBank):
         self.bank = bank
+        self.malformed_replies = False  # fault injection: answer with a row missing, as a corrupted reply would
         self.tokens: Counter[tuple[int, int]] = Counter()
         self.compute_s = 0.0
         self._stats_lock = threading.Lock()  # gRPC handlers and Unix-socket connections count concurrently
@@ -52,7 +53,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         with self._stats_lock:
             self.compute_s += elapsed
             self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
-        return out.to(hidden.dtype), elapsed
+        return (out[:-1] if self.malformed_replies else out).to(hidden.dtype), elapsed
 
     def counters(self) -> tuple[dict[tuple[int, int], int], float]:
         """(tokens per (layer, expert), compute seconds) served so far."""

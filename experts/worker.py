@@ -44,6 +44,10 @@ class ExpertWorker:
             "compute_s": compute_s,
         }
 
+    def inject_fault(self, malformed_replies: bool) -> None:
+        """For fault tests and chaos runs: every Forward reply misses a row until this is called with False."""
+        self.servicer.malformed_replies = malformed_replies
+
     def health(self) -> bool:
         return True
 

@@ -78,6 +78,12 @@ class WorkerHealth:
                 ejected.probe_at, ejected.reason = self._after(ejected.streak), error
                 self.counters["probe_failures"] += 1
 
+    def drain_counters(self) -> dict[str, int]:
+        """What the model did since the last drain, as {counter: n}."""
+        with self._lock:
+            out, self.counters = dict(self.counters), Counter()
+        return out
+
     def forget(self, workers) -> None:
         """Workers replaced or gone from the routing table start afresh."""
         with self._lock:

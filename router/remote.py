@@ -108,7 +108,9 @@ class ExpertRouter:
                 failed[a:b] = True
             out[sent_pairs[~failed]] = replies.out[~failed]
             pending = sent_pairs[failed]
-            self.counters["retries"] += int(pending.numel())
+            if pending.numel():
+                with self._stats_lock:
+                    self.counters["retries"] += int(pending.numel())
         return out, waited, compute_s
 
     def _plan(self, layer: int, table: RoutingTable, experts: torch.Tensor) -> Dispatch:
@@ -151,6 +153,12 @@ class ExpertRouter:
         with self._stats_lock:
             for worker, count in zip(dispatch.workers, dispatch.counts):
                 self.worker_rows[worker] = self.worker_rows.get(worker, 0) + count
+
+    def drain_counters(self) -> dict[str, int]:
+        """The health model's counters and the retries since the last drain."""
+        with self._stats_lock:
+            retries, self.counters = dict(self.counters), Counter()
+        return {**self.health.drain_counters(), **retries}
 
     def drain(self) -> tuple[dict[str, int], dict[int, int]]:
         """Tokens per "layer:expert" and rows per worker since the last drain, as plain data for reports."""
