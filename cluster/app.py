@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 
@@ -16,7 +17,7 @@ from transformers import AutoTokenizer
 
 from cluster import stream
 from cluster.config import RoutingConfig, ServeConfig
-from cluster.controller import start_controller
+from cluster.controller import RouterReport, start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine import Engine, Event, Sequence
 from cluster.errors import ServingError
@@ -75,6 +76,7 @@ class MoEServer:
                              self.config.max_waiting, before_forward=self.router.set_token_ids,
                              lanes=self.config.engine_lanes)
         self._router_id = serve.get_replica_context().replica_id.unique_id
+        self._node_id = ray.get_runtime_context().get_node_id()
         threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
 
     def __del__(self):
@@ -96,10 +98,11 @@ class MoEServer:
         while True:
             time.sleep(REPORT_INTERVAL_S)
             experts, workers = self.router.drain()
-            report = (experts, workers, self.router.timings.drain(), self.router.drain_counters())
+            report = RouterReport(
+                self._router_id, self._node_id, os.getpid(), self.router.table.version, experts, workers,
+                self.router.timings.drain(), self.router.drain_counters(), sorted(self.router.health.ejected()))
             try:
-                table = ray.get(self.controller.report.remote(self._router_id, self.router.table.version, *report),
-                                timeout=10)
+                table = ray.get(self.controller.report.remote(report), timeout=10)
             except Exception as error:  # a restarting controller: serve on with the last routing table
                 if reachable:
                     log.warning("expert controller unreachable, serving with routing table v%d: %s",

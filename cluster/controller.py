@@ -10,9 +10,11 @@ workers (detached actors) and the plan it saved (`plan_store`); routers serve wi
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -42,6 +44,21 @@ REPLACE_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed
 HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "replacements", "replacement_failures")
 
 
+@dataclass(frozen=True)
+class RouterReport:
+    """What a router (a Serve replica) tells the controller at each check-in."""
+
+    router: str
+    node_id: str
+    pid: int
+    version: int  # of the routing table it routes with
+    expert_tokens: dict[str, int]  # "layer:expert" -> tokens since the last report
+    worker_rows: dict[int, int]  # worker -> rows since the last report
+    timings: dict  # LayerTimings.drain()
+    counters: dict[str, int]  # the health model's, since the last report
+    ejected: list[int]  # workers it keeps out of its choices now
+
+
 class ExpertController:
     def __init__(self, config: dict, model_dir: str, app: str):
         self.config = ServeConfig.model_validate(config)
@@ -68,6 +85,7 @@ class ExpertController:
         self.routers: dict[str, tuple[int, float]] = {}  # router id -> (table version, last report time)
         self.layer_timings: dict = {}  # summed over every MoE layer call since start
         self.counters: Counter[str] = Counter()  # the health model's doings, the routers' summed with ours
+        self.router_info: dict[str, dict] = {}  # router id -> where it runs, and the workers it keeps out now
         self._lock = threading.RLock()  # plan changes: held for as long as one takes
         self._stats_lock = threading.Lock()  # what reports add to: never held for long
         self._started = time.monotonic()
@@ -79,18 +97,18 @@ class ExpertController:
     def routing_table(self) -> RoutingTable:
         return self.table
 
-    def report(self, router: str, version: int, expert_tokens: dict[str, int], worker_rows: dict[int, int],
-               timings: dict | None = None, counters: dict[str, int] | None = None):
-        """A router's periodic check-in: its load counts and health counters in, a newer routing table out (or
-        None)."""
+    def report(self, report: RouterReport):
+        """A router's periodic check-in: its load and health in, a newer routing table out (or None)."""
         with self._stats_lock:
-            self.routers[router] = (version, time.monotonic())
-            self.window.add(expert_tokens)
-            self.worker_rows.update(worker_rows)
-            self.layer_timings = merge(self.layer_timings, timings or {})
-            self.counters.update(counters or {})
+            self.routers[report.router] = (report.version, time.monotonic())
+            self.router_info[report.router] = {"router": report.router, "node_id": report.node_id, "pid": report.pid,
+                                               "table_version": report.version, "ejected": report.ejected}
+            self.window.add(report.expert_tokens)
+            self.worker_rows.update(report.worker_rows)
+            self.layer_timings = merge(self.layer_timings, report.timings)
+            self.counters.update(report.counters)
         table = self.table
-        return table if table.version != version else None
+        return table if table.version != report.version else None
 
     # --- operators ---
 
@@ -161,6 +179,11 @@ class ExpertController:
         now = time.monotonic()
         with self._stats_lock:
             return {r: v for r, (v, seen) in self.routers.items() if now - seen < ttl_s}
+
+    def _routers_now(self) -> list[dict]:
+        live = self._live_routers()
+        with self._stats_lock:
+            return [info for router, info in sorted(self.router_info.items()) if router in live]
 
     def _table(self) -> RoutingTable:
         return RoutingTable.from_plan(self.version, self.plan, self.slots.live_addresses(), self.shape)
@@ -233,7 +256,7 @@ class ExpertController:
     def _status(self) -> dict:
         with self._stats_lock:
             tokens, worker_rows, counters = self.window.totals(), dict(self.worker_rows), dict(self.counters)
-        stats = self.slots.stats()
+        stats, routers = self.slots.stats(), self._routers_now()
         per_pair = {pair: float(tokens.get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
         return {
             "app": self.app,
@@ -241,6 +264,7 @@ class ExpertController:
             "routing_policy": self.config.routing.policy,
             "placement": "by_layer" if self.slots.by_layer else "spread",
             "controller_node_id": ray.get_runtime_context().get_node_id(),
+            "controller_pid": os.getpid(),
             "nodes": [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"]}
                       for n in ray.nodes()],
             "workers": [
@@ -256,7 +280,8 @@ class ExpertController:
             "layer_timings_ms": per_call_ms(self.layer_timings),
             "health": {name: counters.get(name, 0) for name in HEALTH_COUNTERS},
             "replacement_error": self.replace_error,
-            "routers": len(self._live_routers()),
+            "routers": routers,
+            "ejected_workers": sorted({w for r in routers for w in r["ejected"]}),
         }
 
 

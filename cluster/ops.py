@@ -54,7 +54,10 @@ def format_status(status: dict) -> str:
         lines.append(f"{w['worker']:<7} {w.get('node_id', '-')[:24]:<25} {w.get('address', '-'):<21} "
                      f"{w['alive']!s:<6} {memory:<8} {w['tokens_since_plan']:<7} {' '.join(w['replicas'])}")
     health = "  ".join(f"{name} {n}" for name, n in status["health"].items())
-    lines += ["", f"health: {health}"]
+    lines += ["", f"health: {health}", f"ejected now: {status['ejected_workers'] or 'none'}",
+              "", "ROUTER                            NODE                      PID      TABLE  EJECTED"]
+    lines += [f"{r['router'][:32]:<33} {r['node_id'][:24]:<25} {r['pid']:<8} v{r['table_version']:<5} "
+              f"{' '.join(map(str, r['ejected'])) or '-'}" for r in status["routers"]]
     if status["replacement_error"]:
         lines.append(f"replacement failing: {status['replacement_error']}")
     lines += ["", f"tokens per worker since the plan changed: max/mean = {balance(status):.2f}",

@@ -17,6 +17,7 @@ def _free_port() -> int:
 
 
 WORKER_NODES = 3
+HEAD = "test-head"  # a resource only the head node has, to keep Serve replicas there
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,8 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
     apply_node_env()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {HEAD: 4},
+                                                                "include_dashboard": False})
     for _ in range(WORKER_NODES):
         cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
@@ -79,3 +81,13 @@ def generate(stub, app: str, timeout: float = 120, **fields):
 
 def tokens(responses) -> list[int]:
     return [t for r in responses for t in r.token_ids]
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.integration.faults import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("fault matrix")
+        for line in lines:
+            terminalreporter.write_line(line)
