@@ -286,3 +286,37 @@ def test_node_removed(app, inference_stub, expected):
     finally:
         app.add_node(num_cpus=2)
         app.wait_for_nodes()
+
+
+def test_replica_dead_without_graceful_shutdown_leaves_no_orphans(app, model_dir):
+    from ray.util.placement_group import get_placement_group, placement_group_table
+
+    from cluster import plan_store
+    from cluster.controller import controller_name
+    from cluster.workers import group_name
+
+    name = "orphan"
+    config = ServeConfig(model=str(model_dir), model_name=name, num_workers=1, dtype="float32")
+    serve.run(MoEServer.options(ray_actor_options={"num_cpus": 1, "resources": {HEAD: 1}}).bind(config.model_dump()),
+              name=name, route_prefix=f"/{name}")
+    for pid in faults.pids_titled(f"ray::ServeReplica:{name}:"):
+        os.kill(pid, signal.SIGKILL)
+    serve.delete(name, _blocking=False)
+
+    def gone() -> bool:
+        try:
+            group = get_placement_group(group_name(name))
+            if placement_group_table(group).get("state") != "REMOVED":
+                return False
+        except ValueError:
+            pass
+        try:
+            ray.get_actor(controller_name(name), namespace=NAMESPACE)
+            return False
+        except ValueError:
+            pass
+        return plan_store.load(name) is None
+
+    wait_until(gone, timeout=120, what="the orphaned workers, placement group and plan to be freed")
+    with pytest.raises(ValueError):
+        ray.get_actor(worker_name(name, 0), namespace=NAMESPACE)
