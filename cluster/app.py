@@ -16,7 +16,7 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from cluster import stream
-from cluster.config import RoutingConfig, ServeConfig
+from cluster.config import HedgeConfig, RoutingConfig, ServeConfig
 from cluster.controller import RouterReport, start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine import Engine, Event, Sequence
@@ -27,6 +27,7 @@ from cluster.requests import parse_generation
 from experts.threads import usable_cores
 from protos import inference_pb2
 from router.client import ExpertClient
+from router.hedge import HedgePolicy
 from router.model import load_dense_model
 from router.remote import ExpertRouter
 from router.routing import centroids_path, load_centroids, policy_for_model
@@ -55,6 +56,12 @@ def routing_policy(model, model_dir: str, routing: RoutingConfig):
                             capacity_factor=routing.capacity_factor, overflow=routing.overflow, centroids=centroids)
 
 
+def hedge_policy(config: HedgeConfig) -> HedgePolicy | None:
+    if not config.enabled:
+        return None
+    return HedgePolicy(factor=config.factor, min_s=config.min_ms / 1e3, budget=config.budget)
+
+
 @serve.deployment(max_ongoing_requests=1024,
                   ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": ACTOR_ENV}})
 @serve.ingress(api)
@@ -68,7 +75,8 @@ class MoEServer:
         self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
         self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()),
                                    ExpertClient(self.config.expert_timeout_s),
-                                   probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S))
+                                   probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
+                                   hedging=hedge_policy(self.config.hedge))
         self.router.attach(self.model)
         self.router.policy = routing_policy(self.model, model_dir, self.config.routing)
         self.context_len = self.model.config.max_position_embeddings

@@ -38,6 +38,18 @@ class RebalanceConfig(_Strict):
     )
 
 
+class HedgeConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Race a slow worker's share against other replicas of its experts; the first answer wins. "
+        "Only experts with 2 or more replicas can be hedged.",
+    )
+    factor: float = Field(4.0, gt=1, description="Hedge a share once it takes this many times the layer's median call.")
+    min_ms: float = Field(20.0, gt=0, description="Never hedge a share sooner than this (milliseconds).")
+    budget: float = Field(
+        0.05, gt=0, le=1, description="Hedges per layer call at most, on average: the extra load hedging may add."
+    )
+
+
 class ServeConfig(_Strict):
     model: str | None = Field(None, description="Checkpoint directory; unset serves the embedded default model.")
     model_name: str = Field("moecluster-default", description="Model id reported by /v1/models.")
@@ -68,6 +80,7 @@ class ServeConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
     expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of each router-to-worker call.")
+    hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     startup_timeout_s: float = Field(300.0, gt=0, description="How long workers may take to be placed and load.")
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together in one step, over all lanes.")
     engine_lanes: int = Field(

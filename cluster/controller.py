@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ROUTER_TTL_S = 5.0
 ORPHAN_S = 15.0  # no router for this long, and no Serve application of our name: the workers are freed
 REPLACE_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed replacement again
-HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "replacements", "replacement_failures")
+HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "hedges", "hedges_won", "replacements", "replacement_failures")
 
 
 @dataclass(frozen=True)

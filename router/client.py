@@ -5,6 +5,7 @@ with the same status codes.
 """
 
 import functools
+import select
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from google.protobuf.message import DecodeError
 from protos import expert_pb2, expert_pb2_grpc, unix_stream
 from protos.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
+from router.hedge import Hedge
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 # A request the router built wrongly fails the same way on every replica; any other failure is the worker's.
@@ -63,34 +65,107 @@ class ExpertClient:
         self._grpc_only: set[str] = set()  # addresses with no Unix socket on this host
         self._outstanding: Counter[int] = Counter()
         self._lock = threading.Lock()
+        self._counters: Counter[str] = Counter()  # hedges sent, and hedges that answered first
+
+    def drain_counters(self) -> dict[str, int]:
+        """Hedges sent, and those that answered first, since the last drain."""
+        with self._lock:
+            out, self._counters = dict(self._counters), Counter()
+        return out
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counters[name] += 1
 
     def outstanding(self) -> dict[int, int]:
         """Rows in flight per worker, from every thread using this client."""
         with self._lock:
             return dict(self._outstanding)
 
-    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str]) -> LayerReplies:
-        """[S, D] rows in dispatch order, one call per worker, all in flight at once."""
-        calls, start, deadline = [], 0, time.monotonic() + self.timeout_s
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str],
+                hedge: Hedge | None = None) -> LayerReplies:
+        """[S, D] rows in dispatch order, one call per worker, all in flight at once. With `hedge`, a call that has
+        not answered after `hedge.after_s` races a copy of its share sent to other replicas of its experts."""
+        calls, start, sent = [], 0, time.monotonic()
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
-            call = self._start(addresses[worker], layer, experts, counts, rows[start:end], self.timeout_s)
-            calls.append((worker, addresses[worker], experts, start, end, call))
+            calls.append(self._call(layer, worker, addresses[worker], experts, counts, start, rows[start:end]))
             start = end
+        deadline = sent + self.timeout_s
         self._track(calls, +1)
-        replies = LayerReplies(torch.empty_like(rows))
+        replies, late = LayerReplies(torch.empty_like(rows)), []
         try:
-            for worker, address, experts, start, end, call in calls:  # every reply is read: a socket left with
-                try:                                                   # one would be out of step
-                    out, compute_s = self._result(layer, worker, address, experts, call, deadline,
-                                                  (end - start, rows.shape[1]))
-                    replies.out[start:end] = out
-                    replies.compute_s = max(replies.compute_s, compute_s)
-                except ExpertCallError as error:
-                    replies.failed.append((error, start, end))
+            for call in calls:  # every reply is read: a socket left with one would be out of step
+                if hedge is not None and not _ready(call.handle, sent + hedge.after_s):
+                    late.append(call)
+                else:
+                    self._collect(replies, layer, call, deadline)
+            for call in late:  # the others are read, so their sockets are free for the hedges
+                self._race(replies, layer, call, deadline, hedge, addresses, rows, late)
         finally:
             self._track(calls, -1)
         return replies
+
+    def _call(self, layer, worker, address, experts, counts, start, rows) -> "_Call":
+        handle = self._start(address, layer, experts, counts, rows, self.timeout_s)
+        return _Call(worker, address, list(experts), list(counts), start, start + len(rows), handle)
+
+    def _collect(self, replies: LayerReplies, layer: int, call: "_Call", deadline: float) -> bool:
+        """Read `call`'s reply into `replies`; False, with the failure recorded, if it failed."""
+        try:
+            out, compute_s = self._result(layer, call.worker, call.address, call.experts, call.handle, deadline,
+                                          (call.end - call.start, replies.out.shape[1]))
+        except ExpertCallError as error:
+            replies.failed.append((error, call.start, call.end))
+            return False
+        replies.out[call.start:call.end] = out
+        replies.compute_s = max(replies.compute_s, compute_s)
+        return True
+
+    def _race(self, replies, layer, call: "_Call", deadline, hedge: Hedge, addresses, rows, late) -> None:
+        """`call` against a hedge of its share on other replicas: the first complete answer is kept, and the
+        loser's connection dropped (its late reply would put the stream out of step)."""
+        hedges = self._hedge(layer, call, hedge, addresses, rows, late)
+        if not hedges:
+            self._collect(replies, layer, call, deadline)
+            return
+        self._count("hedges")
+        self._track(hedges, +1)
+        try:
+            while time.monotonic() < deadline and not _ready(call.handle, time.monotonic() + 1e-3):
+                if all(_ready(h.handle, time.monotonic()) for h in hedges):
+                    trial = LayerReplies(replies.out, replies.compute_s)
+                    if all([self._collect(trial, layer, h, deadline) for h in hedges]):
+                        replies.compute_s = trial.compute_s
+                        self._abandon(call)
+                        self._count("hedges_won")
+                        return
+                    break  # a hedge failed: the original call decides
+            self._collect(replies, layer, call, deadline)
+            for h in hedges:
+                self._abandon(h)
+        finally:
+            self._track(hedges, -1)
+
+    def _hedge(self, layer, call: "_Call", hedge: Hedge, addresses, rows, late: list["_Call"]) -> list["_Call"]:
+        """Calls carrying `call`'s share to other replicas, one per expert; none when it cannot be rerouted. Workers
+        with a reply still unread on this thread's sockets are not used."""
+        route = hedge.reroute(call.experts, {c.worker for c in late})
+        if not route or not hedge.take():
+            return []
+        hedges, start = [], call.start
+        for expert, count in zip(call.experts, call.counts):
+            worker = route[expert]
+            hedges.append(self._call(layer, worker, addresses[worker], [expert], [count], start,
+                                     rows[start:start + count]))
+            start += count
+        return hedges
+
+    def _abandon(self, call: "_Call") -> None:
+        if isinstance(call.handle, socket.socket):
+            self._drop(call.address)
+        else:
+            call.handle.cancel()
 
     def probe(self, worker: int, address: str, layer: int, expert: int, row: torch.Tensor, timeout_s: float) -> None:
         """One row through one hosted expert, the way real calls go; raises ExpertCallError unless it answers."""
@@ -182,7 +257,34 @@ class ExpertClient:
             for sock in self._all_sockets:
                 sock.close()
 
-    def _track(self, calls, sign: int) -> None:
+    def _track(self, calls: list["_Call"], sign: int) -> None:
         with self._lock:
-            for worker, _, _, start, end, _ in calls:
-                self._outstanding[worker] += sign * (end - start)
+            for call in calls:
+                self._outstanding[call.worker] += sign * (call.end - call.start)
+
+
+@dataclass
+class _Call:
+    """One worker's share of a layer call, in flight: its rows are [start, end) of the call's, in dispatch order."""
+
+    worker: int
+    address: str
+    experts: list[int]
+    counts: list[int]
+    start: int
+    end: int
+    handle: object  # a connected Unix socket, or a gRPC future
+
+
+def _ready(handle, until: float) -> bool:
+    """Whether `handle`'s reply has begun to arrive (socket) or is complete (future) by `until`."""
+    timeout = max(0.0, until - time.monotonic())
+    if isinstance(handle, socket.socket):
+        return bool(select.select([handle], [], [], timeout)[0])
+    try:
+        handle.exception(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    except grpc.FutureCancelledError:
+        return True

@@ -24,7 +24,10 @@ class LocalExperts:
     def outstanding(self) -> dict[int, int]:
         return {}
 
-    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses):
+    def drain_counters(self) -> dict[str, int]:
+        return {}  # no hedges in one process
+
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses, hedge=None):
         started, outs, start = time.perf_counter(), [], 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)

@@ -18,6 +18,7 @@ from experts.layout import experts_paths
 from router.client import ExpertCallError
 from router.dispatch import Dispatch, combine, plan_dispatch
 from router.health import WorkerHealth
+from router.hedge import Hedge, HedgePolicy
 from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
@@ -32,10 +33,12 @@ class ExpertRouter:
     readmitted when they answer."""
 
     def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None,
-                 health: WorkerHealth | None = None, probe_timeout_s: float = 1.0):
+                 health: WorkerHealth | None = None, probe_timeout_s: float = 1.0, hedging: HedgePolicy | None = None):
+        """`hedging` None: a slow worker's share waits for it (or its deadline), never raced elsewhere."""
         self.table, self.client = table, client
         self.policy = policy or RoutingPolicy()
         self.health = health or WorkerHealth()
+        self.hedging = hedging
         self.probe_timeout_s = probe_timeout_s
         self.counters: Counter[str] = Counter()  # retries: pairs sent again after their worker failed
         self._step = threading.local()  # token ids of the forward in progress in each engine thread
@@ -96,8 +99,10 @@ class ExpertRouter:
             sent_pairs = pending[dispatch.order]  # [P] in dispatch order
             rows = hidden.index_select(0, sent_pairs // top_k)
             sent = time.perf_counter()
-            replies = self.client.forward(layer, dispatch, rows, table.addresses)
+            replies = self.client.forward(layer, dispatch, rows, table.addresses, self._hedge(layer, table))
             waited += time.perf_counter() - sent
+            if self.hedging is not None and not replies.failed:
+                self.hedging.observe(layer, time.perf_counter() - sent)
             compute_s += replies.compute_s
             self._count_workers(dispatch)
             failed = torch.zeros(len(sent_pairs), dtype=torch.bool)
@@ -123,6 +128,23 @@ class ExpertRouter:
             why = next((self.health.reason(w) for w in hosts[error.expert] if self.health.reason(w)), "")
             raise NoReplica(layer, error.expert, why) from None
         return plan_dispatch(experts, pair_worker, len(live))
+
+    def _hedge(self, layer: int, table: RoutingTable) -> Hedge | None:
+        after_s = self.hedging.after_s(layer) if self.hedging is not None else None
+        hosts = table.replicas[layer]
+        if after_s is None or all(len(workers) < 2 for workers in hosts):
+            return None
+
+        def reroute(experts: list[int], avoid: set[int]) -> dict[int, int] | None:
+            out, ejected, load = {}, self.health.ejected(), self.client.outstanding()
+            for expert in experts:
+                options = [w for w in hosts[expert] if w not in avoid and w not in ejected]
+                if not options:
+                    return None
+                out[expert] = min(options, key=lambda w: load.get(w, 0))
+            return out
+
+        return Hedge(after_s, reroute, self.hedging.take)
 
     def _probe_loop(self) -> None:
         while not self._closed.is_set():
@@ -155,10 +177,10 @@ class ExpertRouter:
                 self.worker_rows[worker] = self.worker_rows.get(worker, 0) + count
 
     def drain_counters(self) -> dict[str, int]:
-        """The health model's counters and the retries since the last drain."""
+        """The health model's counters, the retries and the hedges since the last drain."""
         with self._stats_lock:
             retries, self.counters = dict(self.counters), Counter()
-        return {**self.health.drain_counters(), **retries}
+        return {**self.health.drain_counters(), **retries, **self.client.drain_counters()}
 
     def drain(self) -> tuple[dict[str, int], dict[int, int]]:
         """Tokens per "layer:expert" and rows per worker since the last drain, as plain data for reports."""

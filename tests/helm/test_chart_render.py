@@ -223,3 +223,16 @@ def test_ray_start_params_are_strings(objects, chart):
     spec = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]
     for params in [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in spec["workerGroupSpecs"]]:
         assert all(isinstance(v, str) for v in params.values()), params
+
+
+def test_gcs_fault_tolerance_keeps_the_head_state_in_redis(render, chart, validate_rayservice):
+    assert "gcsFaultToleranceOptions" not in chart.only(render(), "RayService")["spec"]["rayClusterConfig"]
+    objects = render(sets=["gcsFaultTolerance.enabled=true", "gcsFaultTolerance.redisAddress=redis:6379",
+                           "gcsFaultTolerance.redisPasswordSecret=redis-auth"])
+    service = chart.only(objects, "RayService")
+    validate_rayservice(service)
+    options = service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options == {"redisAddress": "redis:6379",
+                       "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}}}
+    with pytest.raises(chart.HelmError, match="gcsFaultTolerance.redisAddress is required"):
+        render(sets=["gcsFaultTolerance.enabled=true"])

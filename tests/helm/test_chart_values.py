@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 RELEASE = "moe"  # conftest.RELEASE
+GCS = ["gcsFaultTolerance.enabled=true", "gcsFaultTolerance.redisAddress=redis:6379"]
 
 
 def rayservice(objs):
@@ -127,6 +128,10 @@ CASES = [
          lambda o: args(o)["rebalance"]["interval_s"], 15),
     Case("serve.rebalance.window_s", ["serve.rebalance.window_s=30"], lambda o: args(o)["rebalance"]["window_s"], 30),
     Case("serve.expert_timeout_s", ["serve.expert_timeout_s=5"], lambda o: args(o)["expert_timeout_s"], 5),
+    Case("serve.hedge.enabled", ["serve.hedge.enabled=false"], lambda o: args(o)["hedge"]["enabled"], False),
+    Case("serve.hedge.factor", ["serve.hedge.factor=8"], lambda o: args(o)["hedge"]["factor"], 8),
+    Case("serve.hedge.min_ms", ["serve.hedge.min_ms=50"], lambda o: args(o)["hedge"]["min_ms"], 50),
+    Case("serve.hedge.budget", [], lambda o: args(o)["hedge"]["budget"], 0.1, set_jsons=["serve.hedge.budget=0.1"]),
     Case("serve.startup_timeout_s", ["serve.startup_timeout_s=900"], lambda o: args(o)["startup_timeout_s"], 900),
     Case("serve.max_batch_size", ["serve.max_batch_size=8"], lambda o: args(o)["max_batch_size"], 8),
     Case("serve.max_waiting", ["serve.max_waiting=10"], lambda o: args(o)["max_waiting"], 10),
@@ -221,6 +226,17 @@ CASES = [
     Case("autoscaling.options", ["autoscaling.enabled=true", "autoscaling.options.idleTimeoutSeconds=120"],
          lambda o: cluster(o)["autoscalerOptions"], {"idleTimeoutSeconds": 120}),
     Case("tls.enabled", ["tls.enabled=true"], lambda o: cluster(o)["tlsOptions"], {"enabled": True}),
+    Case("gcsFaultTolerance.enabled", GCS, lambda o: cluster(o)["gcsFaultToleranceOptions"]["redisAddress"],
+         "redis:6379"),
+    Case("gcsFaultTolerance.redisAddress", [*GCS[:1], "gcsFaultTolerance.redisAddress=r.db:6380"],
+         lambda o: cluster(o)["gcsFaultToleranceOptions"]["redisAddress"], "r.db:6380"),
+    Case("gcsFaultTolerance.redisPasswordSecret", [*GCS, "gcsFaultTolerance.redisPasswordSecret=auth"],
+         lambda o: cluster(o)["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["name"], "auth"),
+    Case("gcsFaultTolerance.redisPasswordKey", [*GCS, "gcsFaultTolerance.redisPasswordSecret=auth",
+                                                "gcsFaultTolerance.redisPasswordKey=pw"],
+         lambda o: cluster(o)["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["key"], "pw"),
+    Case("gcsFaultTolerance.externalStorageNamespace", [*GCS, "gcsFaultTolerance.externalStorageNamespace=moe"],
+         lambda o: cluster(o)["gcsFaultToleranceOptions"]["externalStorageNamespace"], "moe"),
     # Services
     Case("service.http.enabled", ["service.http.enabled=false"], service("-http"), None),
     Case("service.http.type", ["service.http.type=LoadBalancer"], lambda o: service("-http")(o)["spec"]["type"],

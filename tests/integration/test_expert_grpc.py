@@ -207,3 +207,36 @@ def test_silent_unix_worker_misses_its_deadline():
     finally:
         client.close()
         listener.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_slow_replicas_share_is_hedged_and_the_first_answer_wins(checkpoints, transport):
+    import time
+
+    from experts.bank import ExpertBank
+    from router.hedge import HedgePolicy
+    from router.remote import ExpertRouter
+    from router.table import RoutingTable
+
+    banks = [ExpertBank(checkpoints["mixtral"], [(0, 0)]) for _ in range(2)]
+    workers = GrpcWorkers(banks, TRANSPORTS[transport])
+    table = RoutingTable(1, workers.addresses, {0: [[0, 1]] + [[]] * 7})
+    router = ExpertRouter(table, workers.client, hedging=HedgePolicy(min_s=0.02, warmup=4, burst=8))
+    hidden = torch.randn(8, 64)
+    index, weights = torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1)
+    try:
+        want = router.forward(0, hidden, index, weights)
+        for _ in range(8):  # the layer's usual call time
+            torch.testing.assert_close(router.forward(0, hidden, index, weights), want, rtol=0, atol=0)
+        fast = banks[0].forward
+        banks[0].forward = lambda *args: (time.sleep(2.0), fast(*args))[1]  # worker 0 turns slow
+        started = time.monotonic()
+        for _ in range(4):  # calls alternate between the replicas: those to worker 0 are hedged to worker 1
+            torch.testing.assert_close(router.forward(0, hidden, index, weights), want, rtol=0, atol=0)
+        assert time.monotonic() - started < 2.0
+        counters = router.drain_counters()
+        assert counters["hedges"] >= 1 and counters["hedges_won"] == counters["hedges"], counters
+        assert router.health.ejected() == set()  # slow is not failed
+    finally:
+        router.close()
+        workers.stop()

@@ -76,7 +76,10 @@ class FakeWorkers:
     def outstanding(self):
         return {}
 
-    def forward(self, layer, dispatch, rows, addresses):
+    def drain_counters(self):
+        return {}
+
+    def forward(self, layer, dispatch, rows, addresses, hedge=None):
         replies, start = LayerReplies(torch.empty_like(rows)), 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
@@ -174,3 +177,20 @@ def test_a_new_routing_table_forgets_only_replaced_workers():
         assert router.health.ejected() == {1}
     finally:
         router.close()
+
+
+def test_hedging_waits_for_the_layers_usual_time_and_is_rationed():
+    from router.hedge import HedgePolicy
+
+    policy = HedgePolicy(factor=4.0, min_s=0.02, budget=0.5, burst=1.0, warmup=3)
+    assert policy.after_s(0) is None  # nothing known yet: no hedging
+    for seconds in (0.010, 0.012, 0.011):
+        policy.observe(0, seconds)
+    assert policy.after_s(0) == pytest.approx(0.044) and policy.after_s(1) is None
+    for _ in range(3):
+        policy.observe(2, 0.001)
+    assert policy.after_s(2) == 0.02  # never sooner than min_s
+    assert policy.take() and not policy.take()  # the burst is spent
+    policy.observe(0, 0.01)
+    policy.observe(0, 0.01)  # two calls earn one hedge at budget 0.5
+    assert policy.take() and not policy.take()
