@@ -6,11 +6,11 @@ import signal
 import sys
 import threading
 
+from cluster.config import RoutingConfig, ServeConfig, choices
 from experts.families import ARCHS
 
-POLICIES = ("model", "hash", "balanced", "kmeans")
+POLICIES = choices(RoutingConfig, "policy")
 
-GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="serve a checkpoint on a local or existing Ray cluster")
     srv.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
-    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    srv.add_argument("--dtype", choices=choices(ServeConfig, "dtype"))
     srv.add_argument("--num-workers", type=int)
     srv.add_argument("--config", help="serving config file (YAML or JSON); flags override it")
     srv.add_argument("--routing", choices=POLICIES, help="routing policy (default: the model's own gate)")
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=4)
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bench.add_argument("--stream-interval", type=int, default=1, help="fewest tokens per streamed message after the first")
-    bench.add_argument("--placement", choices=["auto", "spread", "by_layer"], default="auto")
+    bench.add_argument("--placement", choices=choices(ServeConfig, "placement"), default="auto")
     bench.add_argument("--micro-iters", type=int, default=30)
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness works")
@@ -104,7 +104,6 @@ def _init_model(args) -> int:
 
 
 def load_config(path: str | None, **overrides):
-    from cluster.config import ServeConfig
 
     fields = {}
     if path:
@@ -127,6 +126,7 @@ def _serve(args) -> int:
     from ray.serve.config import gRPCOptions
 
     from cluster.node_env import apply_node_env
+    from cluster.serving.app import GRPC_SERVICER
 
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
@@ -144,7 +144,7 @@ def _serve(args) -> int:
         http_options={"host": "0.0.0.0", "port": args.http_port},
         grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
     )
-    from cluster.app import build
+    from cluster.serving.app import build
 
     serve.run(build(config.model_dump()), name="moecluster", route_prefix="/")
     print(f"moecluster is serving {config.model or 'the embedded default model'}")
@@ -175,7 +175,7 @@ def _prompts(path: str | None) -> list[str] | None:
 
 def _calibrate(args) -> int:
     from cluster.demo_model import default_model_dir
-    from cluster.routing_report import calibrate
+    from cluster.tools.routing_report import calibrate
 
     print(calibrate(args.model or str(default_model_dir()), _prompts(args.prompts), args.out))
     return 0
@@ -185,7 +185,7 @@ def _routing_report(args) -> int:
     import json
 
     from cluster.demo_model import default_model_dir
-    from cluster.routing_report import format_report, routing_report
+    from cluster.tools.routing_report import format_report, routing_report
 
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         print(f"error: --capacity-factor must be > 0, got {args.capacity_factor}", file=sys.stderr)
@@ -199,7 +199,7 @@ def _routing_report(args) -> int:
 def _bench(args) -> int:
     import json
 
-    from cluster.bench import SMOKE, Workload, bench, print_summary
+    from cluster.tools.bench import SMOKE, Workload, bench, print_summary
     from cluster.demo_model import default_model_dir
 
     if args.smoke:
@@ -225,8 +225,8 @@ def _bench(args) -> int:
 def _operate(args) -> int:
     import json
 
-    from cluster import ops
-    from cluster.placement import PlanError
+    from cluster.control import ops
+    from cluster.control.placement import PlanError
 
     try:
         replicas = _replica_args(getattr(args, "replicas", []))

@@ -1,8 +1,10 @@
 """The serving config: one schema for the CLI, the Python API and the Helm chart's serveConfigV2."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from experts.keys import parse_expert_key
 
 ExpertKey = Annotated[str, Field(pattern=r"^\d+:\d+$", description='"layer:expert", e.g. "3:7"')]
 ReplicaCount = Annotated[int, Field(ge=1)]
@@ -94,4 +96,9 @@ class ServeConfig(_Strict):
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
 
     def replica_counts(self) -> dict[tuple[int, int], int]:
-        return {tuple(map(int, key.split(":"))): n for key, n in self.expert_replicas.items()}
+        return {parse_expert_key(key): n for key, n in self.expert_replicas.items()}
+
+
+def choices(model: type[BaseModel], field: str) -> tuple[str, ...]:
+    """The values a Literal field of `model` accepts, for command-line choices."""
+    return get_args(model.model_fields[field].annotation)

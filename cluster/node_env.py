@@ -11,7 +11,7 @@ import os
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # Serve's proxies reach the replica over gRPC instead of Ray actor calls. Each streamed message then costs the
-# proxy a fraction of the CPU; on 2 shared cores that took served throughput from ~445 to ~660 tokens/s.
+# proxy a fraction of the CPU (docs/performance.md has the measurement).
 NODE_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
 
 

@@ -14,8 +14,8 @@ from experts.bank import ExpertBank, ExpertNotHosted
 from experts.threads import use_process_threads
 from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
-from protos.tensor import from_proto, to_proto
-from protos.unix_stream import CallFailed
+from protos.wire.tensor import from_proto, to_proto
+from protos.wire.unix_stream import CallFailed
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]

@@ -9,8 +9,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from experts.threads import use_process_threads
-from protos import expert_pb2, unix_stream
-from protos.tensor import header, raw_bytes
+from protos import expert_pb2
+from protos.wire import unix_stream
+from protos.wire.tensor import header, raw_bytes
 
 
 class UnixServer:

@@ -7,6 +7,7 @@ import ray
 import torch
 
 from experts.bank import ExpertBank
+from experts.keys import expert_key
 from experts.service import ExpertServer
 from experts.threads import usable_cores
 
@@ -40,7 +41,7 @@ class ExpertWorker:
             "pairs": self.bank.pairs,
             "weight_bytes": self.bank.nbytes(),
             "device": str(self.bank.device),
-            "tokens": {f"{layer}:{expert}": n for (layer, expert), n in tokens.items()},
+            "tokens": {expert_key(*pair): n for pair, n in tokens.items()},
             "compute_s": compute_s,
         }
 

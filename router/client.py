@@ -16,8 +16,9 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from protos import expert_pb2, expert_pb2_grpc, unix_stream
-from protos.tensor import from_proto, header, raw_bytes, to_proto
+from protos import expert_pb2, expert_pb2_grpc
+from protos.wire import unix_stream
+from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 from router.hedge import Hedge
 

@@ -12,6 +12,7 @@ from experts.layout import experts_modules
 from router.client import LayerReplies
 from router.dispatch import Dispatch
 from router.remote import ExpertRouter
+from router.seam import route_experts
 from router.table import RoutingTable
 
 
@@ -43,5 +44,5 @@ def attach_local_experts(model, model_dir, dtype=None) -> ExpertRouter:
     plan = [[(layer, e) for layer, n in shape.items() for e in range(n)]]
     router = ExpertRouter(RoutingTable.from_plan(0, plan, {0: "local"}, shape),
                           LocalExperts([ExpertBank(model_dir, plan[0], dtype)]))
-    router.attach(model)
+    route_experts(model, router)
     return router

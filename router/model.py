@@ -8,11 +8,11 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 
 from experts.checkpoint import Checkpoint, CheckpointError
 from experts.layout import experts_modules, load_config, resolve_dtype
-from router.remote import IMPLEMENTATION
 
 
 def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.Module:
-    """The model with its routed experts' weights left out; the experts modules are stubs to `module.remote`."""
+    """The model with its routed experts' weights left out: `router.seam.route_experts` puts them behind a router
+    before its first forward."""
     config = load_config(model_dir)
     dtype = resolve_dtype(config, dtype)
     with torch.device("meta"):
@@ -26,7 +26,6 @@ def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.
     model.to_empty(device="cpu")
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) are computed, not loaded
     _load_dense_tensors(model, Checkpoint(model_dir), dtype)
-    model.set_experts_implementation(IMPLEMENTATION)
     return model.eval().requires_grad_(False)
 
 

@@ -12,31 +12,7 @@ import torch
 
 POLICIES = ("model", "hash", "balanced", "kmeans")
 OVERFLOW = ("reroute", "drop")
-# Parameters each policy takes; capacity_factor / overflow cap any policy's output through apply_capacity.
-POLICY_PARAMS = {
-    "model": ("capacity_factor", "overflow"),
-    "hash": ("seed", "capacity_factor", "overflow"),
-    "balanced": ("capacity_factor",),
-    "kmeans": ("seed", "iters", "capacity_factor", "overflow"),
-}
 _MASK32 = 0xFFFFFFFF
-
-
-def check_policy(name: str, **params) -> str:
-    """Raise ValueError, naming the valid choices, for an unknown policy or a bad parameter; return name."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
-    unknown = sorted(set(params) - set(POLICY_PARAMS[name]))
-    if unknown:
-        raise ValueError(f"policy {name!r} takes no {unknown[0]!r}; it takes {', '.join(POLICY_PARAMS[name])}")
-    factor = params.get("capacity_factor")
-    if factor is not None and not factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for no cap), got {factor}")
-    if params.get("overflow", "reroute") not in OVERFLOW:
-        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, got {params['overflow']!r}")
-    if params.get("iters", 1) < 1:
-        raise ValueError(f"iters must be at least 1, got {params['iters']}")
-    return name
 
 
 def uniform_weights(index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -347,36 +323,6 @@ def _reroute(index, keep_mask, scores, order, capacity) -> tuple[torch.Tensor, t
 
 
 # --- reports --------------------------------------------------------------------------------------------------------
-
-
-def load_balance(
-    index: torch.Tensor,
-    num_experts: int,
-    expert_worker: torch.Tensor | None = None,
-    keep_mask: torch.Tensor | None = None,
-) -> dict:
-    """Token-expert pairs per expert (and per worker, given expert_worker [E]): counts, max, mean, max/mean.
-
-    index: [T, K]; keep_mask: [T, K] counts only the pairs kept by apply_capacity.
-    """
-    experts = index[keep_mask] if keep_mask is not None else index.reshape(-1)  # [S]
-    per_expert = torch.bincount(experts, minlength=num_experts)  # [E]
-    report = _spread("expert", per_expert)
-    if expert_worker is not None:
-        per_worker = torch.bincount(expert_worker, weights=per_expert.double()).long()  # [W]
-        report |= _spread("worker", per_worker)
-    return report
-
-
-def _spread(unit: str, counts: torch.Tensor) -> dict:
-    mean = counts.double().mean().item()
-    peak = int(counts.max())
-    return {
-        f"per_{unit}": counts.tolist(),
-        f"{unit}_max": peak,
-        f"{unit}_mean": mean,
-        f"{unit}_imbalance": peak / mean if mean else 1.0,
-    }
 
 
 def _check_top_k(top_k: int, num_experts: int) -> None:

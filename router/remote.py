@@ -1,20 +1,18 @@
-"""The seam between transformers and moecluster: an experts implementation that runs routed experts remotely.
+"""The expert router: one MoE layer's tokens grouped by worker and expert, sent to live replicas, combined.
 
-Every family decorated with `@use_experts_implementation` calls the registered function with
-(hidden_states, top_k_index, top_k_weights) after its own gate, so the model's routing stays transformers'.
-T = tokens, K = experts per token, E = experts, D = hidden
+`router.seam.route_experts` binds a model's experts modules to `ExpertRouter.forward`.
+T = tokens, K = experts per token, S = T * K pairs, D = hidden
 """
 
-import functools
+import contextlib
 import itertools
 import threading
 import time
 from collections import Counter
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from experts.layout import experts_paths
+from experts.keys import expert_key
 from router.client import ExpertCallError
 from router.dispatch import Dispatch, combine, plan_dispatch
 from router.health import WorkerHealth
@@ -23,8 +21,6 @@ from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
 from router.timings import LayerTimings
-
-IMPLEMENTATION = "moecluster"
 
 
 class ExpertRouter:
@@ -61,17 +57,15 @@ class ExpertRouter:
         self._closed.set()
         self.health.changed.set()
 
-    def attach(self, model) -> None:
-        """Route `model`'s experts modules here, and time its gates."""
-        for layer, path in experts_paths(model).items():
-            model.get_submodule(path).remote = functools.partial(self.forward, layer)
-            block = model.get_submodule(path.rpartition(".")[0])
-            for gate in ("gate", "router"):
-                if isinstance(getattr(block, gate, None), torch.nn.Module):
-                    self.timings.gate_hooks(getattr(block, gate))
-
-    def set_token_ids(self, input_ids: torch.Tensor) -> None:
-        self._step.token_ids = input_ids.reshape(-1)  # rows of every MoE layer's hidden states, same order
+    @contextlib.contextmanager
+    def tokens(self, input_ids: torch.Tensor):
+        """The token ids of the forward run in this block, in this thread (token-keyed policies route by them):
+        they are the rows of every MoE layer's hidden states, in the same order."""
+        self._step.token_ids = input_ids.reshape(-1)
+        try:
+            yield
+        finally:
+            self._step.token_ids = None
 
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         token_ids = getattr(self._step, "token_ids", None)
@@ -187,12 +181,5 @@ class ExpertRouter:
         with self._stats_lock:
             experts, self.expert_tokens = self.expert_tokens, {}
             workers, self.worker_rows = self.worker_rows, {}
-        counts = {f"{layer}:{e}": n for layer, t in experts.items() for e, n in enumerate(t.tolist()) if n}
+        counts = {expert_key(layer, e): n for layer, t in experts.items() for e, n in enumerate(t.tolist()) if n}
         return counts, workers
-
-
-def _remote_experts_forward(module, hidden_states, top_k_index, top_k_weights):
-    return module.remote(hidden_states, top_k_index, top_k_weights)
-
-
-ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _remote_experts_forward)

@@ -36,9 +36,9 @@ def main() -> None:
     from ray.cluster_utils import Cluster
     from ray.serve.config import gRPCOptions
 
-    from cluster import ops
-    from cluster.app import MoEServer
-    from cluster.cli import GRPC_SERVICER
+    from cluster.control import ops
+    from cluster.serving.app import MoEServer
+    from cluster.serving.app import GRPC_SERVICER
     from cluster.config import ServeConfig
     from cluster.demo_model import default_model_dir
     from cluster.node_env import apply_node_env
@@ -132,7 +132,7 @@ def _run(args, stub, prompts, expected, ops) -> dict:
 def _faults(ops, rng: random.Random) -> dict:
     import ray
 
-    from cluster.workers import NAMESPACE, worker_name
+    from cluster.control.workers import NAMESPACE, worker_name
 
     def worker_pid():
         return rng.choice([w["pid"] for w in ops.status(APP)["workers"] if w["alive"]])

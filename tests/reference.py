@@ -8,10 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
 
-from cluster.placement import WorkerSlot, plan_placement, replica_counts
+from cluster.control.placement import WorkerSlot, plan_placement, replica_counts
 from experts.bank import ExpertBank
 from experts.layout import experts_modules
 from router.remote import ExpertRouter
+from router.seam import route_experts
 from router.table import RoutingTable
 
 
@@ -66,5 +67,5 @@ def attach(model, path, num_workers: int, client_factory, replicas: int = 1) -> 
     client = client_factory([ExpertBank(path, pairs) for pairs in plan])
     addresses = getattr(client, "addresses", {w: f"bank-{w}" for w in range(num_workers)})
     router = ExpertRouter(RoutingTable.from_plan(0, plan, addresses, shape), client)
-    router.attach(model)
+    route_experts(model, router)
     return router

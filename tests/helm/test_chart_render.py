@@ -6,7 +6,8 @@ import copy
 import pytest
 import yaml
 
-from cluster.cli import GRPC_SERVICER, load_config
+from cluster.cli import load_config
+from cluster.serving.app import GRPC_SERVICER
 from cluster.config import ServeConfig
 from cluster.node_env import NODE_ENV
 
@@ -92,7 +93,7 @@ def test_serve_config_v2(objects, chart):
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]}
     (app,) = config["applications"]
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("moecluster", "/", "cluster.app:build")
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("moecluster", "/", "cluster.serving.app:build")
     # the args are a valid ServeConfig, whose model is where the storage is mounted
     ServeConfig.model_validate(app["args"])
     head = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]

@@ -46,7 +46,7 @@ def serve_endpoints(ray_cluster):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from cluster.cli import GRPC_SERVICER
+    from cluster.serving.app import GRPC_SERVICER
 
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(
@@ -67,7 +67,7 @@ def inference_stub(serve_endpoints):
 def deploy(name: str, model_dir, **config):
     from ray import serve
 
-    from cluster.app import build
+    from cluster.serving.app import build
 
     serve.run(build({"model": str(model_dir), "model_name": name, **config}), name=name, route_prefix=f"/{name}")
 

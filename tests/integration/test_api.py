@@ -101,7 +101,7 @@ def test_malformed_http_body_is_400(app):
 
 
 def test_lost_expert_worker_fails_requests_with_unavailable(app, inference_stub):
-    from cluster.workers import NAMESPACE, worker_name
+    from cluster.control.workers import NAMESPACE, worker_name
 
     ray.kill(ray.get_actor(worker_name(APP, 1), namespace=NAMESPACE))
     with pytest.raises(grpc.RpcError) as info:

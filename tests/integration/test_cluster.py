@@ -8,8 +8,8 @@ import pytest
 import ray
 from ray import serve
 
-from cluster import ops
-from cluster.workers import NAMESPACE, PlacementError, _place, worker_name
+from cluster.control import ops
+from cluster.control.workers import NAMESPACE, PlacementError, _place, worker_name
 from tests.integration.conftest import deploy, generate, tokens
 
 APP = "multi"

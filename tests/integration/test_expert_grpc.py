@@ -57,7 +57,7 @@ def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch, transport)
 def test_malformed_forward_is_invalid_argument(checkpoints):
     from experts.bank import ExpertBank
     from protos import expert_pb2, expert_pb2_grpc
-    from protos.tensor import to_proto
+    from protos.wire.tensor import to_proto
 
     workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
     stub = expert_pb2_grpc.ExpertStub(grpc.insecure_channel(workers.addresses[0]))
@@ -139,8 +139,9 @@ def test_unix_socket_rejects_malformed_frames_and_keeps_serving(checkpoints):
     import socket
 
     from experts.bank import ExpertBank
-    from protos import expert_pb2, unix_stream
-    from protos.tensor import from_proto, header, raw_bytes
+    from protos import expert_pb2
+    from protos.wire import unix_stream
+    from protos.wire.tensor import from_proto, header, raw_bytes
 
     workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
     sock = socket.socket(socket.AF_UNIX)
@@ -168,7 +169,7 @@ def test_unix_socket_refuses_a_frame_over_the_limits_and_keeps_serving(checkpoin
     import struct
 
     from experts.bank import ExpertBank
-    from protos import unix_stream
+    from protos.wire import unix_stream
     from router.dispatch import plan_dispatch
 
     workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True)
@@ -191,7 +192,7 @@ def test_unix_socket_refuses_a_frame_over_the_limits_and_keeps_serving(checkpoin
 def test_silent_unix_worker_misses_its_deadline():
     import socket
 
-    from protos import unix_stream
+    from protos.wire import unix_stream
     from router.dispatch import plan_dispatch
 
     address = "localhost:1"

@@ -17,11 +17,11 @@ import pytest
 import ray
 from ray import serve
 
-from cluster import ops
-from cluster.app import MoEServer
+from cluster.control import ops
+from cluster.serving.app import MoEServer
 from cluster.config import ServeConfig
 from cluster.node_env import ACTOR_ENV
-from cluster.workers import NAMESPACE, worker_name
+from cluster.control.workers import NAMESPACE, worker_name
 from tests.integration import faults
 from tests.integration.conftest import HEAD, generate, tokens
 
@@ -292,9 +292,9 @@ def test_node_removed(app, inference_stub, expected):
 def test_replica_dead_without_graceful_shutdown_leaves_no_orphans(app, model_dir):
     from ray.util.placement_group import get_placement_group, placement_group_table
 
-    from cluster import plan_store
-    from cluster.controller import controller_name
-    from cluster.workers import group_name
+    from cluster.control import plan_store
+    from cluster.control.controller import controller_name
+    from cluster.control.workers import group_name
 
     name = "orphan"
     config = ServeConfig(model=str(model_dir), model_name=name, num_workers=1, dtype="float32")

@@ -1,7 +1,7 @@
 import itertools
 
 from cluster.demo_model import build_tokenizer
-from cluster.detokenize import IncrementalText
+from cluster.engine.detokenize import IncrementalText
 
 TOKENIZER = build_tokenizer()
 

@@ -1,11 +1,10 @@
 """The continuous-batching engine, with in-process expert banks, against transformers' generate."""
 
-import queue
-
 import pytest
 from transformers import AutoTokenizer
 
-from cluster.engine import Engine, SamplingParams, Sequence
+from cluster.engine.engine import Engine
+from cluster.engine.sequence import SamplingParams, Sequence
 from router.local import LocalExperts
 from router.model import load_dense_model
 from tests.reference import attach, greedy, transformers_model
@@ -13,39 +12,44 @@ from tests.reference import attach, greedy, transformers_model
 PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog.", "Mixture"]
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-lane", "ping-pong"])
-def engine(checkpoints, request):
-    path = checkpoints["mixtral"]
+def make_engine(path, **options):
     model = load_dense_model(path, "float32")
     attach(model, path, 2, LocalExperts)
     return Engine(model, AutoTokenizer.from_pretrained(path), context_len=model.config.max_position_embeddings,
-                  lanes=request.param)
+                  **options)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-lane", "ping-pong"])
+def engine(checkpoints, request):
+    engine = make_engine(checkpoints["mixtral"], lanes=request.param)
+    yield engine
+    engine.close()
 
 
 def run(engine, prompt_ids, params):
-    events = queue.Queue()
-    engine.submit(Sequence(prompt_ids, params, events.put))
-    out = []
-    while not out or not out[-1].finish_reason:
-        event = events.get(timeout=60)
-        assert event.error is None, event.error
-        out.append(event)
-    return out
+    return list(engine.stream(prompt_ids, params, timeout_s=60))
 
 
-def test_sequences_joining_a_running_batch_decode_like_generate(engine, checkpoints):
+def test_batched_sequences_decode_like_generate(engine, checkpoints):
     tokenizer, oracle = engine.tokenizer, transformers_model(checkpoints["mixtral"])
-    streams = [queue.Queue() for _ in PROMPTS]
-    for prompt, stream in zip(PROMPTS, streams):
-        engine.submit(Sequence(tokenizer.encode(prompt), SamplingParams(max_tokens=16), stream.put))
-    for prompt, stream in zip(PROMPTS, streams):
-        tokens = []
-        while True:
-            event = stream.get(timeout=60)
-            tokens += event.token_ids
-            if event.finish_reason:
-                break
-        assert tokens == greedy(oracle, tokenizer.encode(prompt), 16)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=16), timeout_s=60)
+    assert outputs == [greedy(oracle, ids, 16) for ids in prompts]
+
+
+def test_a_sequence_joining_a_running_batch_step_by_step(checkpoints):
+    engine = make_engine(checkpoints["mixtral"], background=False)
+    tokenizer, oracle = engine.tokenizer, transformers_model(checkpoints["mixtral"])
+    first, second = (tokenizer.encode(p) for p in PROMPTS[:2])
+    got = {0: [], 1: []}
+    engine.submit(Sequence(first, SamplingParams(max_tokens=12), lambda e: got[0].extend(e.token_ids)))
+    assert engine.step()  # a step prefills what it admits, then decodes every running sequence
+    assert len(got[0]) == 2
+    engine.submit(Sequence(second, SamplingParams(max_tokens=12), lambda e: got[1].extend(e.token_ids)))
+    while engine.step():
+        pass
+    assert got[0] == greedy(oracle, first, 12) and got[1] == greedy(oracle, second, 12)
+    assert not engine.step()  # nothing left to do
 
 
 def test_stop_string_ends_with_stop_and_is_not_sent(engine):

@@ -1,7 +1,7 @@
 import torch
 from transformers import MixtralConfig
 
-from cluster import kv_batch
+from cluster.engine import kv_batch
 
 CONFIG = MixtralConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.placement import (
+from cluster.control.placement import (
     PlanError,
     WorkerSlot,
     expert_owner,

@@ -14,11 +14,9 @@ from router.policies import (
     apply_capacity,
     balanced_route,
     capacity_for,
-    check_policy,
     fit_kmeans,
     hash_route,
     kmeans_route,
-    load_balance,
 )
 
 
@@ -235,27 +233,6 @@ def test_apply_capacity_reroute_drops_when_no_expert_has_room():
 # --- reports and parameters ---
 
 
-def test_load_balance_per_expert_and_worker():
-    index = torch.tensor([[0, 1], [0, 2], [0, 3]])
-    report = load_balance(index, 4, expert_worker=torch.tensor([0, 0, 1, 1]))
-    assert report["per_expert"] == [3, 1, 1, 1]
-    assert (report["expert_max"], report["expert_mean"], report["expert_imbalance"]) == (3, 1.5, 2.0)
-    assert report["per_worker"] == [4, 2]
-    assert (report["worker_max"], report["worker_mean"]) == (4, 3.0)
-    kept = load_balance(index, 4, keep_mask=torch.tensor([[True, True], [False, True], [False, True]]))
-    assert kept["per_expert"] == [1, 1, 1, 1]
-
-
-def test_check_policy_names_the_valid_choices():
-    assert [check_policy(name) for name in POLICIES] == list(POLICIES)
-    check_policy("hash", seed=3, capacity_factor=1.25, overflow="drop")
-    with pytest.raises(ValueError, match="choose one of model, hash, balanced, kmeans"):
-        check_policy("random")
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
-        check_policy("model", capacity_factor=0)
-    with pytest.raises(ValueError, match="one of reroute, drop"):
-        check_policy("kmeans", overflow="spill")
-    with pytest.raises(ValueError, match="takes capacity_factor"):
-        check_policy("balanced", overflow="drop")
+def test_an_unknown_overflow_names_the_valid_choices():
     with pytest.raises(ValueError, match="one of reroute, drop"):
         apply_capacity(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2), 1, "spill")

@@ -2,7 +2,7 @@ import pytest
 
 from cluster.demo_model import build_tokenizer
 from cluster.errors import InvalidRequest
-from cluster.requests import parse_generation
+from cluster.serving.requests import parse_generation
 
 TOKENIZER = build_tokenizer()
 

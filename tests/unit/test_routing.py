@@ -16,8 +16,7 @@ def model_and_router(checkpoints):
 
 def routed_tokens(model, router, ids):
     router.drain()
-    router.set_token_ids(ids)
-    with torch.no_grad():
+    with torch.no_grad(), router.tokens(ids):
         logits = model(ids).logits
     return router.drain()[0], logits
 

@@ -2,9 +2,9 @@ import asyncio
 
 import pytest
 
-from cluster.engine import Event
+from cluster.engine.sequence import Event
 from cluster.errors import Overloaded
-from cluster.stream import every, ready
+from cluster.serving.stream import every, ready
 
 
 def _tokens(n: int, finish: str = "length"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from protos import expert_pb2
-from protos.tensor import from_proto, header, raw_bytes, to_proto
+from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

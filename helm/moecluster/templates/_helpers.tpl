@@ -61,7 +61,7 @@ grpc_options:
 applications:
   - name: moecluster
     route_prefix: /
-    import_path: cluster.app:build
+    import_path: cluster.serving.app:build
     args:
       {{- include "moecluster.serveArgs" . | nindent 6 }}
     deployments:

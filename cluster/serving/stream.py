@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from cluster.engine import Event
+from cluster.engine.sequence import Event
 
 
 async def ready(queue: asyncio.Queue[Event]) -> Event:

@@ -4,8 +4,8 @@ import logging
 
 import ray
 
-from cluster.controller import controller_name
-from cluster.workers import NAMESPACE
+from cluster.control.controller import controller_name
+from cluster.control.workers import NAMESPACE
 
 DEFAULT_APP = "moecluster"
 

@@ -15,26 +15,29 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from transformers import AutoTokenizer
 
-from cluster import stream
+from cluster.serving import stream
 from cluster.config import HedgeConfig, RoutingConfig, ServeConfig
-from cluster.controller import RouterReport, start_controller
+from cluster.control.controller import RouterReport, start_controller
 from cluster.demo_model import default_model_dir
-from cluster.engine import Engine, Event, Sequence
+from cluster.engine.engine import Engine
+from cluster.engine.sequence import Event, Sequence
 from cluster.errors import ServingError
 from cluster.node_env import ACTOR_ENV
-from cluster.openai_api import CompletionRequest, completion_body, completion_id, error_body
-from cluster.requests import parse_generation
+from cluster.serving.openai_api import CompletionRequest, completion_body, completion_id, error_body
+from cluster.serving.requests import parse_generation
 from experts.threads import usable_cores
 from protos import inference_pb2
 from router.client import ExpertClient
 from router.hedge import HedgePolicy
 from router.model import load_dense_model
 from router.remote import ExpertRouter
+from router.seam import route_experts
 from router.routing import centroids_path, load_centroids, policy_for_model
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
 REPORT_INTERVAL_S = 0.2
+GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"  # Serve's gRPC proxies need it
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
 
@@ -77,11 +80,11 @@ class MoEServer:
                                    ExpertClient(self.config.expert_timeout_s),
                                    probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
                                    hedging=hedge_policy(self.config.hedge))
-        self.router.attach(self.model)
+        route_experts(self.model, self.router)
         self.router.policy = routing_policy(self.model, model_dir, self.config.routing)
         self.context_len = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
-                             self.config.max_waiting, before_forward=self.router.set_token_ids,
+                             self.config.max_waiting, step_tokens=self.router.tokens,
                              lanes=self.config.engine_lanes)
         self._router_id = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -201,6 +204,6 @@ class MoEServer:
 
 
 def build(args: dict) -> serve.Application:
-    """Application builder for `serve run cluster.app:build` and KubeRay's serveConfigV2 (`args` = ServeConfig)."""
+    """Application builder for `serve run cluster.serving.app:build` and KubeRay's serveConfigV2 (`args` = ServeConfig)."""
     config = ServeConfig.model_validate(args or {})
     return MoEServer.options(user_config={"expert_replicas": config.expert_replicas}).bind(config.model_dump())

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster import plan_store
+from cluster.control import plan_store
 from cluster.config import ServeConfig
-from cluster.load_window import TokenWindow
-from cluster.placement import (
+from cluster.control.load_window import TokenWindow
+from cluster.control.placement import (
     Plan,
     PlanError,
     WorkerSlot,
@@ -31,7 +31,8 @@ from cluster.placement import (
     replica_counts,
     worker_loads,
 )
-from cluster.workers import WorkerSlots
+from cluster.control.workers import WorkerSlots
+from experts.keys import expert_key, parse_expert_key
 from experts.layout import expert_nbytes, moe_shape
 from router.health import COUNTERS as ROUTER_COUNTERS
 from router.table import RoutingTable
@@ -131,7 +132,7 @@ class ExpertController:
         with self._lock:
             with self._stats_lock:
                 totals = self.window.totals()
-            tokens = {pair: float(totals.get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
+            tokens = {pair: float(totals.get(expert_key(*pair), 0)) for pair in self.counts}
             counts = rebalance_counts(tokens, self._replica_budget(), len(self.plan))
             return self._replan(counts, load=tokens)
 
@@ -257,7 +258,7 @@ class ExpertController:
         with self._stats_lock:
             tokens, worker_rows, counters = self.window.totals(), dict(self.worker_rows), dict(self.counters)
         stats, routers = self.slots.stats(), self._routers_now()
-        per_pair = {pair: float(tokens.get(f"{pair[0]}:{pair[1]}", 0)) for pair in self.counts}
+        per_pair = {pair: float(tokens.get(expert_key(*pair), 0)) for pair in self.counts}
         return {
             "app": self.app,
             "version": self.version,
@@ -268,12 +269,12 @@ class ExpertController:
             "nodes": [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"]}
                       for n in ray.nodes()],
             "workers": [
-                {"worker": w, **stats.get(w, {"alive": False}), "replicas": [f"{l}:{e}" for l, e in sorted(pairs)],
+                {"worker": w, **stats.get(w, {"alive": False}), "replicas": [expert_key(*pair) for pair in sorted(pairs)],
                  "tokens_since_plan": worker_rows.get(w, 0)}
                 for w, pairs in enumerate(self.plan)
             ],
-            "replica_counts": {f"{l}:{e}": n for (l, e), n in sorted(self.counts.items())},
-            "tokens_per_expert": {f"{l}:{e}": int(t) for (l, e), t in sorted(per_pair.items()) if t},
+            "replica_counts": {expert_key(*pair): n for pair, n in sorted(self.counts.items())},
+            "tokens_per_expert": {expert_key(*pair): int(t) for pair, t in sorted(per_pair.items()) if t},
             "window_s": self.config.rebalance.window_s,
             "projected_worker_tokens": worker_loads(self.plan, self.counts, per_pair),
             "layer_timings": self.layer_timings,
@@ -288,12 +289,13 @@ class ExpertController:
 def _pairs(spec: dict[str, int]) -> dict[tuple[int, int], int]:
     pairs = {}
     for key, n in spec.items():
-        layer, _, expert = str(key).partition(":")
-        if not (layer.isdigit() and expert.isdigit()):
-            raise PlanError(f'expert {key!r} must be "layer:expert", e.g. "3:7"')
+        try:
+            pair = parse_expert_key(key)
+        except ValueError as error:
+            raise PlanError(str(error)) from None
         if int(n) < 1:
             raise PlanError(f"expert {key} must keep at least 1 replica, got {n}")
-        pairs[int(layer), int(expert)] = int(n)
+        pairs[pair] = int(n)
     return pairs
 
 
@@ -308,7 +310,7 @@ def start_controller(config: ServeConfig, model_dir: str, app: str):
     It prefers the serving replica's node, so losing an expert node never takes it along; it is detached and
     restarted by Ray, so losing its process or its node does not lose the workers or the plan.
     """
-    from cluster.workers import NAMESPACE
+    from cluster.control.workers import NAMESPACE
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     controller = ray.remote(ExpertController).options(

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
 from cluster.node_env import ACTOR_ENV
-from cluster.placement import packs_layers
+from cluster.control.placement import packs_layers
 from experts.worker import ExpertWorker
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from cluster.demo_model import CORPUS
-from cluster.placement import WorkerSlot, expert_owner, plan_placement, replica_counts
+from cluster.control.placement import WorkerSlot, expert_owner, plan_placement, replica_counts
+from experts.keys import expert_key, parse_expert_key
 from experts.layout import experts_modules
 from router.local import attach_local_experts
 from router.model import load_dense_model
@@ -63,8 +64,7 @@ def routing_report(model_dir, prompts: list[str] | None = None, workers: int = 4
         centroids = load_centroids(path) if name == "kmeans" else None
         router.policy = policy_for_model(model, name, capacity_factor=capacity_factor, centroids=centroids)
         router.drain()
-        router.set_token_ids(ids)
-        with torch.no_grad():
+        with torch.no_grad(), router.tokens(ids):
             logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[mask.bool()]  # [N, V]
         reference = logprobs if reference is None else reference
         rows[name] = {**_balance(router.drain()[0], worker_of), **_fidelity(reference, logprobs),
@@ -83,13 +83,13 @@ def _batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def _worker_of(model, workers: int) -> dict[str, int]:
     shape = {layer: m.num_experts for layer, m in experts_modules(model).items()}
     plan = plan_placement(replica_counts(shape, {}), [WorkerSlot(f"n{i}") for i in range(workers)], 1)
-    return {f"{layer}:{e}": hosts[0] for (layer, e), hosts in expert_owner(plan).items()}
+    return {expert_key(*pair): hosts[0] for pair, hosts in expert_owner(plan).items()}
 
 
 def _balance(tokens: dict[str, int], worker_of: dict[str, int]) -> dict:
-    per_layer: dict[str, list[int]] = {}
+    per_layer: dict[int, list[int]] = {}
     for pair in worker_of:
-        per_layer.setdefault(pair.split(":")[0], []).append(tokens.get(pair, 0))
+        per_layer.setdefault(parse_expert_key(pair)[0], []).append(tokens.get(pair, 0))
     per_worker = [0] * (max(worker_of.values()) + 1)
     for pair, n in tokens.items():
         per_worker[worker_of[pair]] += n
@@ -104,22 +104,14 @@ def _fidelity(reference: torch.Tensor, logprobs: torch.Tensor) -> dict:
 
 
 def _throughput(model, router, tokenizer, prompts: list[str], gen_tokens: int) -> float:
-    import queue
+    from cluster.engine.engine import Engine
+    from cluster.engine.sequence import SamplingParams
 
-    from cluster.engine import Engine, SamplingParams, Sequence
-
-    engine = Engine(model, tokenizer, model.config.max_position_embeddings, before_forward=router.set_token_ids)
-    events, started = queue.Queue(), time.perf_counter()
-    for prompt in prompts:
-        engine.submit(Sequence(tokenizer.encode(prompt), SamplingParams(gen_tokens, ignore_eos=True), events.put))
-    finished = produced = 0
-    while finished < len(prompts):
-        event = events.get(timeout=300)
-        if event.error:
-            raise event.error
-        produced += len(event.token_ids)
-        finished += event.finish_reason is not None
-    return produced / (time.perf_counter() - started)
+    engine = Engine(model, tokenizer, model.config.max_position_embeddings, step_tokens=router.tokens,
+                    background=False)
+    started = time.perf_counter()
+    outputs = engine.generate([tokenizer.encode(p) for p in prompts], SamplingParams(gen_tokens, ignore_eos=True))
+    return sum(map(len, outputs)) / (time.perf_counter() - started)
 
 
 def format_report(report: dict) -> str:

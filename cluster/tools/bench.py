@@ -17,8 +17,8 @@ import torch
 
 from experts.threads import usable_cores
 
-# A served worker computes a layer once per decode step (by_layer), ~30 ms after its last call; a call after such
-# a pause starts with cold caches (README, Performance), so the micro-benchmarks time one that way too.
+# A served worker computes a layer once per decode step (by_layer), a step after its last call; a call after such
+# a pause starts with cold caches (docs/performance.md), so the micro-benchmarks time one that way too.
 PAUSE_S = 0.03
 SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3,
              stream_interval=2)
@@ -106,18 +106,11 @@ def grpc_requester(target: str, app: str, output_tokens: int):
 
 
 def engine_requester(engine, output_tokens: int):
-    from cluster.engine import SamplingParams, Sequence
+    from cluster.engine.sequence import SamplingParams
 
     def request(ids):
-        events = queue.Queue()
-        engine.submit(Sequence(ids, SamplingParams(output_tokens, ignore_eos=True), events.put))
-        while True:
-            event = events.get(timeout=600)
-            if event.error:
-                raise event.error
+        for event in engine.stream(ids, SamplingParams(output_tokens, ignore_eos=True)):
             yield len(event.token_ids)
-            if event.finish_reason:
-                return
 
     return request
 
@@ -145,7 +138,7 @@ def run_inprocess(model_dir: str, workload: Workload, prompts: list[list[int]], 
     """moecluster's engine with every expert in this process: no Ray actors, no gRPC."""
     from transformers import AutoTokenizer
 
-    from cluster.engine import Engine
+    from cluster.engine.engine import Engine
     from router.local import attach_local_experts
     from router.model import load_dense_model
     from router.timings import per_call_ms
@@ -168,9 +161,9 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from cluster import ops
-    from cluster.app import build
-    from cluster.cli import GRPC_SERVICER
+    from cluster.control import ops
+    from cluster.serving.app import build
+    from cluster.serving.app import GRPC_SERVICER
     from cluster.node_env import apply_node_env
     from router.timings import PHASES, per_call_ms
 
@@ -208,8 +201,8 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     same shapes."""
     import ray
 
-    from cluster.controller import controller_name
-    from cluster.workers import NAMESPACE
+    from cluster.control.controller import controller_name
+    from cluster.control.workers import NAMESPACE
     from experts.bank import ExpertBank
     from experts.layout import moe_shape
     from router.client import ExpertClient

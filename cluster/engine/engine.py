@@ -1,76 +1,48 @@
 """Continuous batching: requests join and leave the running batch at every decode step.
 
-One thread owns the model and the batched KV cache; request handlers talk to it through `Sequence.emit`.
+Each lane owns a batch and its KV cache; request handlers talk to it through `Sequence.emit`.
 B = running sequences, S = cached positions, V = vocabulary
 """
 
+import contextlib
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache
 
-from cluster import kv_batch
-from cluster.detokenize import IncrementalText
+from cluster.engine import kv_batch
+from cluster.engine.detokenize import IncrementalText
+from cluster.engine.sampling import sample_token
+from cluster.engine.sequence import Event, SamplingParams, Sequence
 from cluster.errors import ExpertUnavailable, Overloaded, as_serving_error
-from cluster.sampling import sample_token
 from experts.threads import use_process_threads
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
-@dataclass
-class Event:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    error: Exception | None = None
-
-
-@dataclass(eq=False)
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: callable
-    generated: list[int] = field(default_factory=list)
-    sent_chars: int = 0
-    cancelled: bool = False
-    done: bool = False
-    text: IncrementalText | None = None
-
-    def __post_init__(self):
-        self.generator = None if self.params.seed is None else torch.Generator().manual_seed(self.params.seed)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.generated)
+IDLE_WAIT_S = 0.1  # how long an idle lane waits for work before it looks at `close` again
 
 
 class Engine:
-    """Admission for `lanes` batches that step in their own threads: while one lane's MoE layer waits on the
-    expert workers, another computes (two micro-batches in ping-pong)."""
+    """Admission for `lanes` batches: while one lane's MoE layer waits on the expert workers, another computes
+    (two micro-batches in ping-pong). With `background`, each lane steps in a thread of its own until `close`;
+    without, the caller drives it with `step` (as `generate` and `stream` then do)."""
 
     def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 64, max_waiting: int = 1024,
-                 before_forward=None, lanes: int = 1):
+                 step_tokens=None, lanes: int = 1, background: bool = True):
         self.model, self.tokenizer = model, tokenizer
-        self.before_forward = before_forward  # sees each step's input ids (token-keyed routing policies)
+        self.step_tokens = step_tokens or _no_context  # (input ids) -> a context each forward runs in
         self.context_len, self.max_batch_size = context_len, max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_waiting)
+        self._closed = threading.Event()
+        self.background = background
         self.lanes = [_Lane(self, i) for i in range(lanes)]
+        if background:
+            for lane in self.lanes:
+                threading.Thread(target=lane.loop, name=f"moecluster-engine-{lane.index}", daemon=True).start()
 
     def submit(self, sequence: Sequence) -> None:
         sequence.text = IncrementalText(self.tokenizer)
@@ -79,9 +51,56 @@ class Engine:
         except queue.Full:
             raise Overloaded(f"{self._waiting.maxsize} requests already wait for a batch slot; retry later") from None
 
-    def admit(self, lane: "_Lane") -> list[Sequence]:
-        """New sequences for `lane`: its fair share of what runs and waits, blocking while it has nothing."""
-        new = [] if lane.running else [self._waiting.get()]
+    def step(self) -> bool:
+        """One iteration of every lane: admit waiting sequences, prefill them, decode a token for each running
+        one. False when there was nothing to do."""
+        return any([lane.step(wait_s=0) for lane in self.lanes])
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600) -> Iterator[Event]:
+        """One request's events as they come; a failed request raises its error."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.submit(Sequence(prompt_ids, params, events.put))
+        while True:
+            event = self._next(events, timeout_s)
+            if event.error:
+                raise event.error
+            yield event
+            if event.finish_reason:
+                return
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 600) -> list[list[int]]:
+        """The tokens generated for each prompt, all decoded together."""
+        events: queue.Queue[tuple[int, Event]] = queue.Queue()
+        for i, ids in enumerate(prompts):
+            self.submit(Sequence(ids, params, lambda event, i=i: events.put((i, event))))
+        out, left = [[] for _ in prompts], len(prompts)
+        while left:
+            i, event = self._next(events, timeout_s)
+            if event.error:
+                raise event.error
+            out[i] += event.token_ids
+            left -= event.finish_reason is not None
+        return out
+
+    def close(self) -> None:
+        """Stop the lanes' threads once their current step is done."""
+        self._closed.set()
+
+    def _next(self, events: queue.Queue, timeout_s: float):
+        if self.background:
+            return events.get(timeout=timeout_s)
+        while events.empty():
+            self.step()
+        return events.get_nowait()
+
+    def admit(self, lane: "_Lane", wait_s: float) -> list[Sequence]:
+        """New sequences for `lane`: its fair share of what runs and waits; an idle lane waits up to `wait_s`."""
+        new = []
+        if not lane.running:
+            try:
+                new = [self._waiting.get(timeout=wait_s) if wait_s else self._waiting.get_nowait()]
+            except queue.Empty:
+                return []
         total = sum(len(other.running) for other in self.lanes) + len(new) + self._waiting.qsize()
         share = min(-(-total // len(self.lanes)), self.max_batch_size // len(self.lanes) or 1)
         while len(lane.running) + len(new) < share and not self._waiting.empty():
@@ -90,31 +109,37 @@ class Engine:
 
 
 class _Lane:
-    """One running batch with its own KV cache, stepped by its own thread."""
+    """One running batch with its own KV cache."""
 
     def __init__(self, engine: Engine, index: int):
-        self.engine, self.model = engine, engine.model
+        self.engine, self.model, self.index = engine, engine.model, index
         self.running: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, S]
-        threading.Thread(target=self._loop, name=f"moecluster-engine-{index}", daemon=True).start()
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
         use_process_threads()
-        while True:
-            new = self.engine.admit(self)
-            try:
-                with torch.inference_mode():
-                    if new:
-                        self._prefill(new)
-                    if self.running:
-                        self._decode()
-            except Exception as error:  # a failed step fails every sequence in it, never a wrong token
-                if isinstance(as_serving_error(error), ExpertUnavailable):
-                    log.warning("engine step failed: %s", error)
-                else:
-                    log.exception("engine step failed")
-                self._fail(self.running + [s for s in new if s not in self.running], error)
+        while not self.engine._closed.is_set():
+            self.step(wait_s=IDLE_WAIT_S)
+
+    def step(self, wait_s: float) -> bool:
+        """Admit, prefill the new sequences, decode one token for every running one; False if there was nothing."""
+        new = self.engine.admit(self, wait_s)
+        if not new and not self.running:
+            return False
+        try:
+            with torch.inference_mode():
+                if new:
+                    self._prefill(new)
+                if self.running:
+                    self._decode()
+        except Exception as error:  # a failed step fails every sequence in it, never a wrong token
+            if isinstance(as_serving_error(error), ExpertUnavailable):
+                log.warning("engine step failed: %s", error)
+            else:
+                log.exception("engine step failed")
+            self._fail(self.running + [s for s in new if s not in self.running], error)
+        return True
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         width = max(len(s.prompt_ids) for s in seqs)
@@ -134,12 +159,11 @@ class _Lane:
         self._advance(self.running, logits)
 
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        if self.engine.before_forward is not None:
-            self.engine.before_forward(ids)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_to_keep=1,
-        )
+        with self.engine.step_tokens(ids):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float()  # [B, V]
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -192,6 +216,10 @@ class _Lane:
 def _unsettled_suffix(text: str, stops: tuple[str, ...]) -> int:
     """Characters at the end of `text` that may still change: the start of a stop string."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _no_context(ids):
+    return contextlib.nullcontext()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

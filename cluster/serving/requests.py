@@ -2,7 +2,7 @@
 
 import math
 
-from cluster.engine import SamplingParams
+from cluster.engine.sequence import SamplingParams
 from cluster.errors import InvalidRequest
 
 

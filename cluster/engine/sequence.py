@@ -1,0 +1,44 @@
+"""A request as the engine sees it: its prompt, how to sample it, and what it has generated so far."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.engine.detokenize import IncrementalText
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Event:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: callable
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    cancelled: bool = False
+    done: bool = False
+    text: IncrementalText | None = None
+
+    def __post_init__(self):
+        self.generator = None if self.params.seed is None else torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
