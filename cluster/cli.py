@@ -3,6 +3,7 @@
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("--json", action="store_true", help="print JSON instead of a table")
         if name == "scale":
             op.add_argument("replicas", nargs="+", metavar="L:E=N")
+        if name == "status":
+            op.add_argument("--heatmap", action="store_true", help="tokens per expert as a layers-by-experts map")
         op.set_defaults(run=_operate)
     return parser
 
@@ -134,6 +137,10 @@ def _serve(args) -> int:
     except ValidationError as error:
         print(f"invalid serving config:\n{error}", file=sys.stderr)
         return 2
+    taken = port_in_use({"--http-port": args.http_port, "--grpc-port": args.grpc_port})
+    if taken:
+        print(taken, file=sys.stderr)
+        return 2
     if args.address:
         ray.init(address=args.address)
     else:
@@ -164,6 +171,19 @@ def _serve(args) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def port_in_use(ports: dict[str, int]) -> str | None:
+    """Why one of `ports` (flag -> port) cannot be served on, or None. Serve's proxies set SO_REUSEPORT, so a
+    second server would share a taken port silently; a plain bind is refused while anything listens there."""
+    for flag, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as error:
+                return (f"port {port} is in use ({error.strerror}): another server is listening there; "
+                        f"choose another with {flag}")
+    return None
 
 
 def _prompts(path: str | None) -> list[str] | None:
@@ -199,8 +219,8 @@ def _routing_report(args) -> int:
 def _bench(args) -> int:
     import json
 
-    from cluster.tools.bench import SMOKE, Workload, bench, print_summary
     from cluster.demo_model import default_model_dir
+    from cluster.tools.bench import SMOKE, Workload, bench, print_summary
 
     if args.smoke:
         for key, value in SMOKE.items():
@@ -240,7 +260,10 @@ def _operate(args) -> int:
     except (ValueError, LookupError, PlanError) as error:
         print(f"error: {getattr(error, 'cause', None) or error}", file=sys.stderr)  # a remote error's own message
         return 2
-    print(json.dumps(result, indent=2) if args.json else ops.format_status(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(ops.format_heatmap(result) if getattr(args, "heatmap", False) else ops.format_status(result))
     return 0
 
 

@@ -54,7 +54,10 @@ class HedgeConfig(_Strict):
 
 class ServeConfig(_Strict):
     model: str | None = Field(None, description="Checkpoint directory; unset serves the embedded default model.")
-    model_name: str = Field("moecluster-default", description="Model id reported by /v1/models.")
+    model_name: str | None = Field(
+        None, description="Model id served and reported by /v1/models; unset: the checkpoint directory's name "
+        "(moecluster-default for the embedded model).",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute dtype; auto keeps the checkpoint's own (float16 runs as float32 on CPU)."
     )
@@ -94,6 +97,10 @@ class ServeConfig(_Strict):
         "all it has at once); more cut the ingress's CPU per token."
     )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
+    metrics_expert_series: int = Field(
+        4096, ge=0, description="Most (layer, expert) series /metrics exports; a model with more routed experts "
+        "exports tokens per layer, with each layer's max/mean imbalance, instead.",
+    )
 
     def replica_counts(self) -> dict[tuple[int, int], int]:
         return {parse_expert_key(key): n for key, n in self.expert_replicas.items()}

@@ -17,8 +17,13 @@ DEFAULT_SHAPE = dict(
     hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
     max_position_embeddings=1024, initializer_range=0.05,
 )
-DEFAULT_VERSION = "v1"
+DEFAULT_VERSION = "v2"  # v2: a chat template
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+# Each message as "<|role|>" and its content, ended by the end-of-sequence token; then the assistant's turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 CORPUS = """\
 Mixture-of-experts models replace each dense feed-forward layer with many experts and a learned router.
@@ -40,7 +45,9 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS.splitlines() * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def init_model(out_dir: str | Path, arch: str, seed: int = 0, **shape) -> Path:

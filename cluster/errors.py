@@ -6,11 +6,18 @@ import grpc
 class ServingError(Exception):
     grpc_code = grpc.StatusCode.INTERNAL
     http_status = 500
+    code: str | None = None  # OpenAI's error code, where it has one
 
 
 class InvalidRequest(ServingError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 400
+
+
+class ModelNotFound(ServingError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+    code = "model_not_found"
 
 
 class Overloaded(ServingError):

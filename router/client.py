@@ -67,6 +67,7 @@ class ExpertClient:
         self._outstanding: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()  # hedges sent, and hedges that answered first
+        self.on_reply = None  # (worker, seconds from send to answer) of every share answered
 
     def drain_counters(self) -> dict[str, int]:
         """Hedges sent, and those that answered first, since the last drain."""
@@ -108,8 +109,8 @@ class ExpertClient:
         return replies
 
     def _call(self, layer, worker, address, experts, counts, start, rows) -> "_Call":
-        handle = self._start(address, layer, experts, counts, rows, self.timeout_s)
-        return _Call(worker, address, list(experts), list(counts), start, start + len(rows), handle)
+        sent, handle = time.monotonic(), self._start(address, layer, experts, counts, rows, self.timeout_s)
+        return _Call(worker, address, list(experts), list(counts), start, start + len(rows), handle, sent)
 
     def _collect(self, replies: LayerReplies, layer: int, call: "_Call", deadline: float) -> bool:
         """Read `call`'s reply into `replies`; False, with the failure recorded, if it failed."""
@@ -121,6 +122,8 @@ class ExpertClient:
             return False
         replies.out[call.start:call.end] = out
         replies.compute_s = max(replies.compute_s, compute_s)
+        if self.on_reply is not None:
+            self.on_reply(call.worker, time.monotonic() - call.sent)
         return True
 
     def _race(self, replies, layer, call: "_Call", deadline, hedge: Hedge, addresses, rows, late) -> None:
@@ -136,7 +139,8 @@ class ExpertClient:
             while time.monotonic() < deadline and not _ready(call.handle, time.monotonic() + 1e-3):
                 if all(_ready(h.handle, time.monotonic()) for h in hedges):
                     trial = LayerReplies(replies.out, replies.compute_s)
-                    if all([self._collect(trial, layer, h, deadline) for h in hedges]):
+                    answered = [self._collect(trial, layer, h, deadline) for h in hedges]  # read them all
+                    if all(answered):
                         replies.compute_s = trial.compute_s
                         self._abandon(call)
                         self._count("hedges_won")
@@ -275,6 +279,7 @@ class _Call:
     start: int
     end: int
     handle: object  # a connected Unix socket, or a gRPC future
+    sent: float  # time.monotonic() when it was sent
 
 
 def _ready(handle, until: float) -> bool:

@@ -6,8 +6,8 @@ rationed, so a slow cluster does not double its own load. Pure Python.
 import statistics
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,11 @@ def main() -> None:
     from ray.cluster_utils import Cluster
     from ray.serve.config import gRPCOptions
 
-    from cluster.control import ops
-    from cluster.serving.app import MoEServer
-    from cluster.serving.app import GRPC_SERVICER
     from cluster.config import ServeConfig
+    from cluster.control import ops
     from cluster.demo_model import default_model_dir
     from cluster.node_env import apply_node_env
+    from cluster.serving.app import GRPC_SERVICER, MoEServer
     from protos import inference_pb2_grpc
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
@@ -157,6 +156,8 @@ def _faults(ops, rng: random.Random) -> dict:
 
 def _recovered(ops, timeout_s: float = 120.0) -> float | None:
     """Seconds until every worker is alive, none ejected and both routers check in; None if not within timeout."""
+    import ray
+
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         try:
@@ -164,7 +165,7 @@ def _recovered(ops, timeout_s: float = 120.0) -> float | None:
             if (all(w["alive"] for w in status["workers"]) and not status["ejected_workers"]
                     and len(status["routers"]) == 2):
                 return round(time.monotonic() - started, 2)
-        except Exception:  # the controller is restarting
+        except (ray.exceptions.RayError, LookupError):  # the controller is restarting
             pass
         time.sleep(0.2)
     return None

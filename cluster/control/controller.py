@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.control import plan_store
 from cluster.config import ServeConfig
+from cluster.control import plan_store
 from cluster.control.load_window import TokenWindow
 from cluster.control.placement import (
-    Plan,
     PlanError,
     WorkerSlot,
     plan_placement,

@@ -6,6 +6,7 @@ import ray
 
 from cluster.control.controller import controller_name
 from cluster.control.workers import NAMESPACE
+from experts.keys import expert_key, parse_expert_key
 
 DEFAULT_APP = "moecluster"
 
@@ -66,3 +67,35 @@ def format_status(status: dict) -> str:
     hot = sorted(status["tokens_per_expert"].items(), key=lambda kv: -kv[1])
     lines += [f"  {pair:>6}  {tokens:>8}  ({counts[pair]})" for pair, tokens in hot] or ["  (no traffic yet)"]
     return "\n".join(lines)
+
+
+SHADES = " .:-=+*#%@"  # no tokens, then ever more
+
+
+def format_heatmap(status: dict) -> str:
+    """Tokens per expert over the window as a map: one row per layer, one column per expert, darker is hotter."""
+    counts = status["replica_counts"]
+    tokens = status["tokens_per_expert"]
+    shape: dict[int, int] = {}
+    for key in counts:
+        layer, expert = parse_expert_key(key)
+        shape[layer] = max(shape.get(layer, 0), expert + 1)
+    hottest = max(tokens.values(), default=0)
+    lines = [f"tokens per expert over the last {status['window_s']:.0f}s; darkest = {hottest} tokens", ""]
+    width = max(shape.values(), default=0)
+    lines.append("layer  " + "".join(str(e % 10) for e in range(width)))
+    for layer in sorted(shape):
+        row = [tokens.get(expert_key(layer, e), 0) for e in range(shape[layer])]
+        cells = "".join(SHADES[_shade(n, hottest)] for n in row)
+        lines.append(f"{layer:>5}  {cells}  max/mean {_imbalance(row):.2f}")
+    lines += ["", f"scale: '{SHADES[1]}' fewest tokens ... '{SHADES[-1]}' most; ' ' none"]
+    return "\n".join(lines)
+
+
+def _shade(n: int, hottest: int) -> int:
+    return 0 if not n else 1 + min(len(SHADES) - 2, (len(SHADES) - 2) * n // hottest)
+
+
+def _imbalance(row: list[int]) -> float:
+    mean = sum(row) / len(row) if row else 0
+    return max(row) / mean if mean else 0.0

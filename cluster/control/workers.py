@@ -8,15 +8,14 @@ controller, so a restarted controller adopts them by name instead of starting ov
 import logging
 import time
 
-
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import get_placement_group, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
-from cluster.node_env import ACTOR_ENV
 from cluster.control.placement import packs_layers
+from cluster.node_env import ACTOR_ENV
 from experts.worker import ExpertWorker
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ class Engine:
     def step(self) -> bool:
         """One iteration of every lane: admit waiting sequences, prefill them, decode a token for each running
         one. False when there was nothing to do."""
-        return any([lane.step(wait_s=0) for lane in self.lanes])
+        stepped = [lane.step(wait_s=0) for lane in self.lanes]  # every lane, even after one had work
+        return any(stepped)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600) -> Iterator[Event]:
         """One request's events as they come; a failed request raises its error."""
@@ -81,6 +82,12 @@ class Engine:
             out[i] += event.token_ids
             left -= event.finish_reason is not None
         return out
+
+    def running(self) -> int:
+        return sum(len(lane.running) for lane in self.lanes)
+
+    def waiting(self) -> int:
+        return self._waiting.qsize()
 
     def close(self) -> None:
         """Stop the lanes' threads once their current step is done."""

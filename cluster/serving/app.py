@@ -6,24 +6,35 @@ import logging
 import os
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from transformers import AutoTokenizer
 
-from cluster.serving import stream
 from cluster.config import HedgeConfig, RoutingConfig, ServeConfig
 from cluster.control.controller import RouterReport, start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine.engine import Engine
 from cluster.engine.sequence import Event, Sequence
-from cluster.errors import ServingError
+from cluster.errors import ModelNotFound, ServingError
 from cluster.node_env import ACTOR_ENV
-from cluster.serving.openai_api import CompletionRequest, completion_body, completion_id, error_body
+from cluster.serving import chat, metrics, stream
+from cluster.serving.chat import ChatRequest
+from cluster.serving.metrics import RequestTimer, ServingMetrics
+from cluster.serving.openai_api import (
+    CompletionRequest,
+    completion_body,
+    completion_id,
+    error_body,
+    usage,
+    validation_message,
+)
 from cluster.serving.requests import parse_generation
 from experts.threads import usable_cores
 from protos import inference_pb2
@@ -31,24 +42,27 @@ from router.client import ExpertClient
 from router.hedge import HedgePolicy
 from router.model import load_dense_model
 from router.remote import ExpertRouter
-from router.seam import route_experts
 from router.routing import centroids_path, load_centroids, policy_for_model
+from router.seam import route_experts
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
 REPORT_INTERVAL_S = 0.2
 GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"  # Serve's gRPC proxies need it
+DEMO_MODEL_NAME = "moecluster-default"
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
 
 @api.exception_handler(RequestValidationError)
 async def _bad_body(request: Request, error: RequestValidationError):
-    return JSONResponse(error_body(f"invalid request body: {error.errors()}", 400), status_code=400)
+    message = f"invalid request body: {validation_message(error.errors())}"
+    log.info("rejected request: %s", message)
+    return JSONResponse(error_body(message, 400), status_code=400)
 
 
 @api.exception_handler(ServingError)
 async def _serving_error(request: Request, error: ServingError):
-    return JSONResponse(error_body(str(error), error.http_status), status_code=error.http_status)
+    return JSONResponse(error_body(str(error), error.http_status, error.code), status_code=error.http_status)
 
 
 def routing_policy(model, model_dir: str, routing: RoutingConfig):
@@ -73,6 +87,8 @@ class MoEServer:
         self.config = ServeConfig.model_validate(config)
         torch.set_num_threads(self.config.serving_threads or usable_cores())
         model_dir = self.config.model or str(default_model_dir())
+        self.model_name = self.config.model_name or (Path(model_dir).name if self.config.model else DEMO_MODEL_NAME)
+        self._created = int(time.time())
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_dense_model(model_dir, self.config.dtype)
         self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
@@ -86,6 +102,10 @@ class MoEServer:
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
                              self.config.max_waiting, step_tokens=self.router.tokens,
                              lanes=self.config.engine_lanes)
+        self.metrics = ServingMetrics(self.model_name, self.config.metrics_expert_series,
+                                      running=self.engine.running, waiting=self.engine.waiting)
+        self.router.client.on_reply = lambda worker, s: self.metrics.forward_seconds.labels(str(worker)).observe(s)
+        self._experts_per_layer = {layer: len(hosts) for layer, hosts in self.router.table.replicas.items()}
         self._router_id = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
@@ -109,12 +129,16 @@ class MoEServer:
         while True:
             time.sleep(REPORT_INTERVAL_S)
             experts, workers = self.router.drain()
+            counters = self.router.drain_counters()
+            self.metrics.add_expert_tokens(experts, self._experts_per_layer)
+            self.metrics.add_health(counters)
+            self.metrics.set_replicas(self.router.table.replicas)
             report = RouterReport(
                 self._router_id, self._node_id, os.getpid(), self.router.table.version, experts, workers,
-                self.router.timings.drain(), self.router.drain_counters(), sorted(self.router.health.ejected()))
+                self.router.timings.drain(), counters, sorted(self.router.health.ejected()))
             try:
                 table = ray.get(self.controller.report.remote(report), timeout=10)
-            except Exception as error:  # a restarting controller: serve on with the last routing table
+            except ray.exceptions.RayError as error:  # a restarting controller: serve on with the last routing table
                 if reachable:
                     log.warning("expert controller unreachable, serving with routing table v%d: %s",
                                 self.router.table.version, type(error).__name__)
@@ -139,13 +163,18 @@ class MoEServer:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         sequence = Sequence(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        self.engine.submit(sequence)
+        timer = RequestTimer(self.metrics, len(prompt_ids))
         try:
+            self.engine.submit(sequence)
             while True:
                 event = await stream.ready(events)
+                timer.add(len(event.token_ids), event.finish_reason)
                 yield event
                 if event.finish_reason:
                     return
+        except ServingError as error:
+            timer.failed(error.grpc_code.name)
+            raise
         finally:
             sequence.cancelled = True  # the client left early: free its batch slot
 
@@ -173,33 +202,92 @@ class MoEServer:
 
     # --- HTTP: OpenAI-compatible ---
 
+    @api.get("/health")
+    def health(self):
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    def prometheus(self):
+        return Response(self.metrics.render(), media_type=metrics.CONTENT_TYPE)
+
     @api.get("/v1/models")
     def models(self):
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "owned_by": "moecluster"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    def model(self, model_id: str):
+        self._check_model(model_id)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self._created, "owned_by": "moecluster"}
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFound(f"the model {model!r} does not exist here; this server serves {self.model_name!r}")
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
+        self._check_model(body.model)
         ids, params = self._parse(
             prompt=body.prompt if isinstance(body.prompt, str) else None,
             prompt_ids=body.prompt if isinstance(body.prompt, list) else None,
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
             stop=body.stop_list(),
         )
-        cid, model = completion_id(), self.config.model_name
+        cid, model = completion_id(), self.model_name
         if body.stream:
-            return StreamingResponse(self._sse(cid, model, ids, params), media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._sse(cid, model, ids, params, usage), media_type="text/event-stream")
         text, tokens, finish = "", [], None
         async for event in self._events(ids, params):
             text, tokens, finish = text + event.text, tokens + event.token_ids, event.finish_reason
         return completion_body(cid, model, text, tokens, finish, prompt_tokens=len(ids))
 
-    async def _sse(self, cid: str, model: str, ids: list[int], params):
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest):
+        self._check_model(body.model)
+        ids = chat.render(self.tokenizer, body.messages)
+        ids, params = self._parse(prompt=None, prompt_ids=ids, max_tokens=body.token_budget(),
+                                  temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                  stop=body.stop_list())
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._chat_sse(cid, created, ids, params, usage), media_type="text/event-stream")
+        text, tokens, finish = "", [], None
+        async for event in self._events(ids, params):
+            text, tokens, finish = text + event.text, tokens + event.token_ids, event.finish_reason
+        return chat.chat_body(cid, self.model_name, created, text, tokens, finish, len(ids))
+
+    async def _chat_sse(self, cid: str, created: int, ids: list[int], params, include_usage: bool):
+        model, generated = self.model_name, 0
+        first = chat.chunk_body(cid, model, created, {"role": "assistant", "content": ""}, None, [])
+        yield f"data: {json.dumps(first)}\n\n"
         try:
             async for event in self._events(ids, params):
+                generated += len(event.token_ids)
+                chunk = chat.chunk_body(cid, model, created, {"content": event.text} if event.text else {},
+                                        event.finish_reason, event.token_ids)
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ServingError as error:
+            yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps(chat.usage_chunk(cid, model, created, len(ids), generated))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _sse(self, cid: str, model: str, ids: list[int], params, include_usage: bool = False):
+        generated = 0
+        try:
+            async for event in self._events(ids, params):
+                generated += len(event.token_ids)
                 chunk = completion_body(cid, model, event.text, event.token_ids, event.finish_reason)
                 yield f"data: {json.dumps(chunk)}\n\n"
         except ServingError as error:
-            yield f"data: {json.dumps(error_body(str(error), error.http_status))}\n\n"
+            yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"
+        if include_usage:
+            body = {**completion_body(cid, model, "", [], None), "choices": [], "usage": usage(len(ids), generated)}
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
 

@@ -3,11 +3,22 @@
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+
+# OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
+# by name, never silently ignored.
+NOT_IMPLEMENTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
+                   "frequency_penalty": 0, "logit_bias": None}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | list[int]
@@ -17,6 +28,23 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    user: str | None = None  # an end user's id, for the caller's own records: it changes nothing here
+    n: int = 1
+    best_of: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0
+    frequency_penalty: float = 0
+    logit_bias: dict | None = None
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self):
+        asked = [name for name, neutral in NOT_IMPLEMENTED.items() if getattr(self, name) != neutral]
+        if asked:
+            raise ValueError(f"{', '.join(asked)}: not supported by this server")
+        return self
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -36,14 +64,25 @@ def completion_body(cid: str, model: str, text: str, token_ids: list[int], finis
         "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": None, "finish_reason": finish}],
     }
     if prompt_tokens is not None:
-        body["usage"] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(token_ids),
-            "total_tokens": prompt_tokens + len(token_ids),
-        }
+        body["usage"] = usage(prompt_tokens, len(token_ids))
     return body
 
 
-def error_body(message: str, status: int) -> dict:
-    kind = "invalid_request_error" if status == 400 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, status: int, code: str | int | None = None) -> dict:
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status if code is None else code}}
+
+
+def validation_message(errors: list[dict]) -> str:
+    """Pydantic's errors as one line, each naming its field: "best_of: not supported by this server"."""
+    parts = []
+    for error in errors:
+        field = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)

@@ -4,7 +4,6 @@ engine with the experts in-process, and through transformers' `generate`; plus M
 
 import json
 import os
-import queue
 import random
 import socket
 import statistics
@@ -162,9 +161,8 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
     from ray.serve.config import gRPCOptions
 
     from cluster.control import ops
-    from cluster.serving.app import build
-    from cluster.serving.app import GRPC_SERVICER
     from cluster.node_env import apply_node_env
+    from cluster.serving.app import GRPC_SERVICER, build
     from router.timings import PHASES, per_call_ms
 
     port = _free_port()

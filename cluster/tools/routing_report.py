@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from cluster.demo_model import CORPUS
 from cluster.control.placement import WorkerSlot, expert_owner, plan_placement, replica_counts
+from cluster.demo_model import CORPUS
 from experts.keys import expert_key, parse_expert_key
 from experts.layout import experts_modules
 from router.local import attach_local_experts

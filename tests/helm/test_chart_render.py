@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from cluster.cli import load_config
-from cluster.serving.app import GRPC_SERVICER
 from cluster.config import ServeConfig
-from cluster.node_env import NODE_ENV
+from cluster.node_env import ACTOR_ENV, NODE_ENV
+from cluster.serving.app import GRPC_SERVICER
 
 VALUE_SETS = ["default", "ci"]
 
@@ -48,8 +48,9 @@ def test_renders_the_expected_objects(objects, value_set, chart):
     kinds = sorted(o["kind"] for o in objects)
     if value_set[0] == "default":
         assert kinds == ["RayService", "Service", "Service"]
-    else:  # a created PVC, the metrics Service and the ServiceMonitor on top
-        assert kinds == ["PersistentVolumeClaim", "RayService", "Service", "Service", "Service", "ServiceMonitor"]
+    else:  # a created PVC, the two metrics Services and the ServiceMonitor on top
+        assert kinds == ["PersistentVolumeClaim", "RayService", "Service", "Service", "Service", "Service",
+                         "ServiceMonitor"]
     for obj in objects:
         assert obj["metadata"]["name"].startswith(f"{chart.RELEASE}-moecluster")
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == chart.RELEASE
@@ -171,8 +172,13 @@ def test_replicas_outside_min_max_are_refused(render, chart):
 def test_service_monitor_renders_when_enabled(render, chart, validate_kubernetes):
     objects = render(sets=["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"])
     monitor = chart.only(objects, "ServiceMonitor")
-    metrics = chart.only(objects, "Service", "-metrics")
-    validate_kubernetes(metrics)  # the ServiceMonitor's CRD is not available here: only its Service is checked
+    metrics = chart.only(objects, "Service", "moecluster-metrics")
+    serve_metrics = chart.only(objects, "Service", "-serve-metrics")
+    validate_kubernetes(metrics)  # the ServiceMonitor's CRD is not available here: only its Services are checked
+    validate_kubernetes(serve_metrics)
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics", "serve"]
+    assert serve_metrics["spec"]["selector"]["app.kubernetes.io/component"] == "head"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= serve_metrics["metadata"]["labels"].items()
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
@@ -218,6 +224,7 @@ def test_every_ray_container_starts_with_the_node_env(render, chart):
     for pod in pods:
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         assert NODE_ENV.items() <= env.items() and env["HF_HOME"] == "/cache"
+        assert ACTOR_ENV.items() <= env.items()  # the serving replica's ray_actor_options cannot drop it
 
 
 def test_ray_start_params_are_strings(objects, chart):
@@ -237,3 +244,20 @@ def test_gcs_fault_tolerance_keeps_the_head_state_in_redis(render, chart, valida
                        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}}}
     with pytest.raises(chart.HelmError, match="gcsFaultTolerance.redisAddress is required"):
         render(sets=["gcsFaultTolerance.enabled=true"])
+
+
+def test_the_grafana_dashboard_charts_metrics_the_server_exports(render, chart):
+    import json
+    import re
+    from pathlib import Path
+
+    assert "ConfigMap" not in {o["kind"] for o in render() if o["metadata"]["name"].endswith("-dashboard")}
+    config_map = chart.only(render(sets=["grafanaDashboard.enabled=true"]), "ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["moecluster.json"])
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert any(p["type"] == "heatmap" and "moecluster_expert_tokens_total" in p["targets"][0]["expr"]
+               for p in dashboard["panels"])
+    exported = set(re.findall(r'"(moecluster_\w+)"', (Path(__file__).parents[2] / "cluster/serving/metrics.py").read_text()))
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", name) for q in queries for name in re.findall(r"moecluster_\w+", q)}
+    assert used <= exported, used - exported

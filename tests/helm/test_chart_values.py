@@ -254,6 +254,10 @@ CASES = [
          lambda o: kind(o, "ServiceMonitor")["metadata"]["name"], f"{RELEASE}-moecluster"),
     Case("serviceMonitor.interval", ["serviceMonitor.enabled=true", "serviceMonitor.interval=10s"],
          lambda o: kind(o, "ServiceMonitor")["spec"]["endpoints"][0]["interval"], "10s"),
+    Case("grafanaDashboard.enabled", ["grafanaDashboard.enabled=true"],
+         lambda o: kind(o, "ConfigMap")["metadata"]["name"], f"{RELEASE}-moecluster-dashboard"),
+    Case("grafanaDashboard.labels", ["grafanaDashboard.enabled=true", "grafanaDashboard.labels.team=ml"],
+         lambda o: kind(o, "ConfigMap")["metadata"]["labels"]["team"], "ml"),
     Case("serviceMonitor.labels", ["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"],
          lambda o: kind(o, "ServiceMonitor")["metadata"]["labels"]["release"], "prom"),
 ]

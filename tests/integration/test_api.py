@@ -117,3 +117,115 @@ def test_lost_expert_worker_fails_requests_with_unavailable(app, inference_stub)
         except grpc.RpcError:
             assert time.monotonic() < deadline, "serving did not recover after the worker was replaced"
             time.sleep(1)
+
+
+def test_a_second_server_on_the_same_ports_is_refused_and_the_first_keeps_serving(app, serve_endpoints, capsys):
+    from cluster.cli import main
+
+    http_port, grpc_port = serve_endpoints[0].rsplit(":", 1)[1], serve_endpoints[1].rsplit(":", 1)[1]
+    assert main(["serve", "--http-port", http_port, "--grpc-port", grpc_port]) == 2
+    assert f"port {http_port} is in use" in capsys.readouterr().err
+    body = httpx.post(f"{app}/v1/completions", json=dict(prompt="Hello", max_tokens=2), timeout=60)
+    assert body.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    import openai
+
+    return openai.OpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_the_openai_client_completes_and_lists_the_served_model(client, app, inference_stub):
+    completion = client.completions.create(model=APP, prompt="Hello, world", max_tokens=6, temperature=0)
+    want = tokens(generate(inference_stub, APP, prompt="Hello, world", max_tokens=6, temperature=0))
+    assert completion.choices[0].model_extra["token_ids"] == want
+    assert completion.usage.completion_tokens == 6 and completion.model == APP
+    assert [m.id for m in client.models.list()] == [APP] and client.models.retrieve(APP).id == APP
+    assert httpx.get(f"{app}/health").json() == {"status": "ok"}
+
+
+def test_a_model_not_served_is_404_model_not_found(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4o", prompt="Hello", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found" and "gpt-4o" in info.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize("field", [{"n": 2}, {"best_of": 3}, {"echo": True}, {"logprobs": 1}, {"suffix": "!"},
+                                   {"presence_penalty": 0.5}, {"stream_options": {"include_usage": True}},
+                                   {"tools": []}, {"max_token": 3}])
+def test_a_field_not_implemented_is_refused_by_name(client, field):
+    import openai
+
+    (name,) = field
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=APP, prompt="Hello", max_tokens=2, extra_body=field)
+    assert name in info.value.body["message"]
+
+
+def test_chat_renders_the_checkpoints_template_and_streams_with_usage(client, tokenizer, inference_stub):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    want = generate(inference_stub, APP, prompt=prompt, max_tokens=8, temperature=0, ignore_eos=False)
+
+    reply = client.chat.completions.create(model=APP, messages=messages, max_completion_tokens=8, temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == "".join(r.text for r in want)
+    assert reply.choices[0].finish_reason == want[-1].finish_reason
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert reply.usage.completion_tokens == len(tokens(want))
+
+    chunks = list(client.chat.completions.create(model=APP, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_completions_stream_usage_when_asked(client):
+    chunks = list(client.completions.create(model=APP, prompt="Hello", max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
+
+
+@pytest.mark.parametrize("field", [{"n": 2}, {"logprobs": True}, {"tools": [{"type": "function"}]},
+                                   {"response_format": {"type": "json_object"}}, {"functions": []}])
+def test_a_chat_field_not_implemented_is_refused_by_name(client, field):
+    import openai
+
+    (name,) = field
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=APP, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       extra_body=field)
+    assert name in info.value.body["message"]
+
+
+def test_metrics_show_requests_latencies_and_expert_load(client, app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=APP, prompt="Pack my box", max_tokens=6, temperature=0)
+    time.sleep(0.5)  # the report loop adds the experts' tokens every 200 ms
+    reply = httpx.get(f"{app}/metrics", timeout=30)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+
+    def total(name):
+        return sum(s.value for s in samples.get(name, []))
+
+    assert total("moecluster_generation_tokens_total") >= 6 and total("moecluster_prompt_tokens_total") > 0
+    assert total("moecluster_time_to_first_token_seconds_count") >= 1
+    assert total("moecluster_inter_token_latency_seconds_count") >= 5
+    assert total("moecluster_request_success_total") >= 1
+    assert "moecluster_num_requests_running" in samples and "moecluster_num_requests_waiting" in samples
+    experts = samples["moecluster_expert_tokens_total"]
+    assert {"layer", "expert"} <= experts[0].labels.keys() and total("moecluster_expert_tokens_total") > 0
+    assert total("moecluster_expert_forward_seconds_count") > 0
+    assert all(s.value >= 1 for s in samples["moecluster_expert_load_imbalance"])
+    assert all(s.value == 1 for s in samples["moecluster_expert_replicas"])

@@ -17,11 +17,11 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.control import ops
-from cluster.serving.app import MoEServer
 from cluster.config import ServeConfig
-from cluster.node_env import ACTOR_ENV
+from cluster.control import ops
 from cluster.control.workers import NAMESPACE, worker_name
+from cluster.node_env import ACTOR_ENV
+from cluster.serving.app import MoEServer
 from tests.integration import faults
 from tests.integration.conftest import HEAD, generate, tokens
 
@@ -138,14 +138,14 @@ def worker_pid(slot: int) -> int:
 
 def test_worker_sigkill(app, inference_stub, expected):
     pid = worker_pid(1)
-    row, errors = check("worker SIGKILL", inference_stub, expected, lambda: os.kill(pid, signal.SIGKILL))
+    _, errors = check("worker SIGKILL", inference_stub, expected, lambda: os.kill(pid, signal.SIGKILL))
     assert not errors
     assert ops.status(APP)["health"]["replacements"] >= 1
 
 
 def test_worker_stopped_shorter_than_the_deadline(app, inference_stub, expected):
     pid = worker_pid(0)
-    row, errors = check(f"worker SIGSTOP {DEADLINE_S / 2:.1f}s (deadline {DEADLINE_S:.0f}s)", inference_stub, expected,
+    _, errors = check(f"worker SIGSTOP {DEADLINE_S / 2:.1f}s (deadline {DEADLINE_S:.0f}s)", inference_stub, expected,
                         lambda: faults.stall(pid, DEADLINE_S / 2))
     assert not errors
 
@@ -162,7 +162,7 @@ def test_worker_stopped_longer_than_the_deadline_is_readmitted(app, inference_st
 
 def test_slow_worker_on_a_duty_cycle(app, inference_stub, expected):
     pid = worker_pid(1)
-    row, errors = check("worker stopped 0.6s / running 0.6s, 5 cycles", inference_stub, expected,
+    _, errors = check("worker stopped 0.6s / running 0.6s, 5 cycles", inference_stub, expected,
                         lambda: faults.duty_cycle(pid, 0.6, 0.6, 5))
     assert not errors
 
@@ -175,7 +175,7 @@ def test_worker_answering_malformed_replies(app, inference_stub, expected):
         time.sleep(3.0)
         ray.get(worker.inject_fault.remote(False))
 
-    row, errors = check("worker replies malformed for 3s", inference_stub, expected, corrupt_for_a_while)
+    _, errors = check("worker replies malformed for 3s", inference_stub, expected, corrupt_for_a_while)
     assert not errors
 
 
@@ -219,7 +219,7 @@ def test_replacement_with_unreadable_checkpoint_keeps_old_replicas_serving(app, 
         restore()
     outcomes_after, recovery_s = run_streams(inference_stub, back=full_capacity)
     assert not ops.status(APP)["replacement_error"]
-    row, errors = record("replacement worker's checkpoint unreadable", 2, outcomes + outcomes_after, expected,
+    _, errors = record("replacement worker's checkpoint unreadable", 2, outcomes + outcomes_after, expected,
                          recovery_s)
     assert not errors  # the surviving replicas served every request
 
@@ -236,7 +236,7 @@ def test_serve_replica_sigkill(app, inference_stub, expected):
     title = f"ray::ServeReplica:{APP}:"
     replicas = faults.pids_titled(title)
     assert len(replicas) == 2, replicas
-    row, errors = check("Serve replica SIGKILL (of 2)", inference_stub, expected,
+    _, errors = check("Serve replica SIGKILL (of 2)", inference_stub, expected,
                         lambda: os.kill(replicas[0], signal.SIGKILL), back=replaced(title, 2, replicas[:1]),
                         note="requests in flight on the killed replica fail; the restarted one re-attaches")
     assert all(e.startswith(("UNAVAILABLE", "INTERNAL", "CANCELLED", "UNKNOWN")) for e in errors), errors
@@ -268,7 +268,7 @@ def test_one_replica_stall_fails_fast_and_serves_again_soon_after(app, inference
         outcomes, _ = run_streams(inference_stub, stall)
         wait_until(lambda: first_stream_exact(inference_stub, expected), what="exact serving")
         back_s = time.monotonic() - resumed["at"]
-        row, errors = record("worker SIGSTOP 4s", 1, outcomes, expected, back_s)
+        _, errors = record("worker SIGSTOP 4s", 1, outcomes, expected, back_s)
         assert errors and all(e.startswith("UNAVAILABLE") and "layer" in e and "expert" in e for e in errors), errors
         assert back_s < 5.0
     finally:
@@ -282,7 +282,7 @@ def test_node_removed(app, inference_stub, expected):
     node_id = next(w["node_id"] for w in status["workers"] if w["node_id"] in removable)
     node = removable[node_id]
     try:
-        row, errors = check("node removed", inference_stub, expected, lambda: app.remove_node(node))
+        _, errors = check("node removed", inference_stub, expected, lambda: app.remove_node(node))
         assert not errors
     finally:
         app.add_node(num_cpus=2)

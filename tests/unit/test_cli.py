@@ -55,3 +55,29 @@ def test_scale_arguments():
 def test_bench_refuses_a_stream_interval_below_one(capsys):
     assert main(["bench", "--stream-interval", "0"]) == 2
     assert "--stream-interval must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything(capsys):
+    import socket
+    import time
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        assert main(["serve", "--grpc-port", str(port)]) == 2
+        assert time.monotonic() - started < 5  # no Ray, no model
+    err = capsys.readouterr().err
+    assert f"port {port} is in use" in err and "--grpc-port" in err
+
+
+def test_the_heatmap_shades_each_expert_by_its_tokens():
+    from cluster.control.ops import SHADES, format_heatmap
+
+    status = {"window_s": 60.0, "replica_counts": {f"{layer}:{e}": 1 for layer in (0, 1) for e in range(4)},
+              "tokens_per_expert": {"0:0": 100, "0:3": 10, "1:1": 50}}
+    lines = format_heatmap(status).splitlines()
+    assert "darkest = 100 tokens" in lines[0]
+    assert lines[3].startswith("    0  " + SHADES[-1] + "  " + SHADES[1])
+    assert lines[4].startswith("    1   " + SHADES[5] + "  ") and "max/mean 4.00" in lines[4]

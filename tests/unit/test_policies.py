@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from router.policies import (
-    POLICIES,
     _lloyd_step,
     apply_capacity,
     balanced_route,

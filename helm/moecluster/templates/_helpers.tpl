@@ -184,6 +184,10 @@ spec:
         # cluster/node_env.py: Serve's proxies reach the replica over gRPC, not Ray actor calls.
         - name: RAY_SERVE_PROXY_USE_GRPC
           value: "1"
+        # cluster/node_env.py's ACTOR_ENV, node-wide: the deployment's ray_actor_options replace the decorator's
+        # runtime_env, so the serving replica gets it from here.
+        - name: OMP_WAIT_POLICY
+          value: PASSIVE
         {{- with $root.Values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

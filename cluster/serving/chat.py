@@ -1,0 +1,104 @@
+"""OpenAI-compatible chat completions: request and response shapes, and rendering messages with the
+checkpoint's own chat template."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.errors import InvalidRequest
+from cluster.serving.openai_api import StreamOptions, usage
+
+# Fields this server does not implement, with the value that asks for nothing: any other value is refused by name.
+NOT_IMPLEMENTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
+                   "response_format": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # an end user's id, for the caller's own records: it changes nothing here
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    presence_penalty: float = 0
+    frequency_penalty: float = 0
+    logit_bias: dict | None = None
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self):
+        asked = [name for name, neutral in NOT_IMPLEMENTED.items() if getattr(self, name) != neutral]
+        if asked:
+            raise ValueError(f"{', '.join(asked)}: not supported by this server")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("max_tokens, max_completion_tokens: send one of them")
+        return self
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def render(tokenizer, messages: list[Message]) -> list[int]:
+    """The prompt's token ids: the messages through the checkpoint's chat template, then the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this checkpoint has no chat template (tokenizer_config.json has no chat_template): "
+                             "use /v1/completions with a prompt")
+    plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_body(cid: str, model: str, created: int, text: str, token_ids: list[int], finish: str | None,
+              prompt_tokens: int) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish, "token_ids": token_ids}],
+        "usage": usage(prompt_tokens, len(token_ids)),
+    }
+
+
+def chunk_body(cid: str, model: str, created: int, delta: dict, finish: str | None, token_ids: list[int]) -> dict:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "token_ids": token_ids}],
+    }
+
+
+def usage_chunk(cid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk of a stream that asked for `stream_options.include_usage`: no choices, the usage."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,38 @@
+"""The OpenAI-compatible request shapes: what they accept, and what they refuse by name."""
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.demo_model import build_tokenizer
+from cluster.errors import InvalidRequest
+from cluster.serving.chat import ChatRequest, Message, render
+from cluster.serving.openai_api import CompletionRequest, validation_message
+
+
+def refusal(model, **body) -> str:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return validation_message(info.value.errors())
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted():
+    CompletionRequest.model_validate({"prompt": "x", "n": 1, "echo": False, "logprobs": None, "user": "u-1"})
+    ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "n": 1, "logprobs": False})
+
+
+def test_anything_else_is_refused_naming_the_field():
+    assert refusal(CompletionRequest, prompt="x", best_of=2) == "best_of: not supported by this server"
+    assert refusal(CompletionRequest, prompt="x", max_token=2) == "max_token: Extra inputs are not permitted"
+    assert refusal(ChatRequest, messages=[{"role": "user", "content": "x"}], tools=[]).startswith("tools")
+    assert "max_tokens, max_completion_tokens" in refusal(
+        ChatRequest, messages=[{"role": "user", "content": "x"}], max_tokens=1, max_completion_tokens=2)
+    assert refusal(ChatRequest, messages=[]).startswith("messages")
+
+
+def test_messages_render_through_the_chat_template():
+    tokenizer = build_tokenizer()
+    ids = render(tokenizer, [Message(role="user", content=[{"type": "text", "text": "Hi"}])])
+    assert tokenizer.decode(ids) == "<|user|>\nHi</s>\n<|assistant|>\n"
+    tokenizer.chat_template = None
+    with pytest.raises(InvalidRequest, match="no chat template"):
+        render(tokenizer, [Message(role="user", content="Hi")])
