@@ -280,14 +280,16 @@ def _replica_args(specs: list[str]) -> dict[str, int]:
 def _generate(args) -> int:
     import grpc
 
+    from cluster.serving.auth import client_metadata
     from protos import inference_pb2, inference_pb2_grpc
 
     request = inference_pb2.GenerateRequest(
         prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(args.target))
+    metadata = [("application", "moecluster"), *client_metadata()]
     try:
-        for response in stub.Generate(request, timeout=args.timeout, metadata=[("application", "moecluster")]):
+        for response in stub.Generate(request, timeout=args.timeout, metadata=metadata):
             print(response.text, end="", flush=True)
     except grpc.RpcError as error:
         print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)

@@ -97,6 +97,11 @@ class ServeConfig(_Strict):
         "all it has at once); more cut the ingress's CPU per token."
     )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request leaves it unset.")
+    api_keys_file: str | None = Field(
+        None, description="File of API keys, one a line, that clients send as Authorization: Bearer KEY (with "
+        "MOECLUSTER_API_KEY's); no key at all leaves the APIs open.",
+    )
+    metrics_open: bool = Field(False, description="Serve /metrics without an API key even when keys are set.")
     metrics_expert_series: int = Field(
         4096, ge=0, description="Most (layer, expert) series /metrics exports; a model with more routed experts "
         "exports tokens per layer, with each layer's max/mean imbalance, instead.",

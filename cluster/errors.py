@@ -14,6 +14,12 @@ class InvalidRequest(ServingError):
     http_status = 400
 
 
+class Unauthenticated(ServingError):
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    code = "invalid_api_key"
+
+
 class ModelNotFound(ServingError):
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404

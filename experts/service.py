@@ -79,7 +79,7 @@ class ExpertServer:
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.address = f"{host}:{self.grpc.add_insecure_port(f'[::]:{port}')}"
+        self.address = f"{host}:{self.grpc.add_insecure_port(f'{host}:{port}')}"  # the node's address only
         self.grpc.start()
         self.unix = UnixServer(self.servicer.forward, self.address)
         health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

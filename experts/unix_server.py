@@ -3,6 +3,7 @@
 import contextlib
 import os
 import socket
+import struct
 import threading
 
 import grpc
@@ -32,6 +33,9 @@ class UnixServer:
                 conn, _ = self._listener.accept()
             except OSError:  # closed by `stop`
                 return
+            if not _same_user(conn):  # an abstract socket has no file permissions: any local process can connect
+                conn.close()
+                continue
             self._connections.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="expert-unix-conn", daemon=True).start()
 
@@ -77,3 +81,9 @@ def _parse(frame: bytearray) -> expert_pb2.ExpertForwardRequest:
         return expert_pb2.ExpertForwardRequest.FromString(bytes(frame))
     except DecodeError as error:
         raise unix_stream.CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ExpertForwardRequest: {error}") from None
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the peer runs as this process's user (or root): SO_PEERCRED, checked by the kernel."""
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid in (os.getuid(), 0)

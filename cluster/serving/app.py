@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -25,6 +25,8 @@ from cluster.engine.sequence import Event, Sequence
 from cluster.errors import ModelNotFound, ServingError
 from cluster.node_env import ACTOR_ENV
 from cluster.serving import chat, metrics, stream
+from cluster.serving.auth import ENV as AUTH_ENV
+from cluster.serving.auth import ApiKeys
 from cluster.serving.chat import ChatRequest
 from cluster.serving.metrics import RequestTimer, ServingMetrics
 from cluster.serving.openai_api import (
@@ -89,6 +91,9 @@ class MoEServer:
         model_dir = self.config.model or str(default_model_dir())
         self.model_name = self.config.model_name or (Path(model_dir).name if self.config.model else DEMO_MODEL_NAME)
         self._created = int(time.time())
+        self.keys = ApiKeys.load(self.config.api_keys_file)
+        if self.keys.open:
+            log.warning("no API key is set (%s or api_keys_file): anyone who reaches the APIs can use them", AUTH_ENV)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_dense_model(model_dir, self.config.dtype)
         self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
@@ -182,6 +187,8 @@ class MoEServer:
 
     async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context=None):
         try:
+            if grpc_context is not None:
+                self.keys.check(dict(grpc_context.invocation_metadata()).get("authorization"))
             ids, params = self._parse(
                 prompt=request.prompt, prompt_ids=list(request.prompt_token_ids),
                 max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
@@ -207,15 +214,19 @@ class MoEServer:
         return {"status": "ok"}
 
     @api.get("/metrics")
-    def prometheus(self):
+    def prometheus(self, authorization: str | None = Header(None)):
+        if not self.config.metrics_open:
+            self.keys.check(authorization)
         return Response(self.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     @api.get("/v1/models")
-    def models(self):
+    def models(self, authorization: str | None = Header(None)):
+        self.keys.check(authorization)
         return {"object": "list", "data": [self._model_card()]}
 
     @api.get("/v1/models/{model_id:path}")
-    def model(self, model_id: str):
+    def model(self, model_id: str, authorization: str | None = Header(None)):
+        self.keys.check(authorization)
         self._check_model(model_id)
         return self._model_card()
 
@@ -227,7 +238,8 @@ class MoEServer:
             raise ModelNotFound(f"the model {model!r} does not exist here; this server serves {self.model_name!r}")
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)):
+        self.keys.check(authorization)
         self._check_model(body.model)
         ids, params = self._parse(
             prompt=body.prompt if isinstance(body.prompt, str) else None,
@@ -245,7 +257,8 @@ class MoEServer:
         return completion_body(cid, model, text, tokens, finish, prompt_tokens=len(ids))
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest):
+    async def chat_completions(self, body: ChatRequest, authorization: str | None = Header(None)):
+        self.keys.check(authorization)
         self._check_model(body.model)
         ids = chat.render(self.tokenizer, body.messages)
         ids, params = self._parse(prompt=None, prompt_ids=ids, max_tokens=body.token_budget(),

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.errors import InvalidRequest
 from cluster.serving.openai_api import StreamOptions, usage
+from cluster.serving.requests import check_text
 
 # Fields this server does not implement, with the value that asks for nothing: any other value is refused by name.
 NOT_IMPLEMENTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
@@ -77,6 +78,8 @@ def render(tokenizer, messages: list[Message]) -> list[int]:
         raise InvalidRequest("this checkpoint has no chat template (tokenizer_config.json has no chat_template): "
                              "use /v1/completions with a prompt")
     plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    for i, message in enumerate(plain):
+        check_text(f"messages[{i}].content", message["content"])
     text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 

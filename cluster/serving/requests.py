@@ -11,6 +11,8 @@ def parse_generation(
     top_p: float | None, seed: int | None, stop: list[str] | None, tokenizer, ignore_eos: bool = False, vocab_size: int, context_len: int,
     default_max_tokens: int,
 ) -> tuple[list[int], SamplingParams]:
+    for name, text in [("prompt", prompt or ""), *(("stop", s) for s in stop or [])]:
+        check_text(name, text)
     ids = list(prompt_ids) if prompt_ids else tokenizer.encode(prompt or "", add_special_tokens=False)
     if not ids:
         raise InvalidRequest("prompt is empty: send prompt text or prompt_token_ids")
@@ -30,3 +32,11 @@ def parse_generation(
         raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
     stop = tuple(s for s in (stop or []) if s)
     return ids, SamplingParams(max_tokens, temperature, top_p, seed, stop, ignore_eos)
+
+
+def check_text(name: str, text: str) -> None:
+    """JSON can carry a lone surrogate ("\\ud800"), which is no text: refuse it rather than fail on it later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(f"{name} is not valid Unicode text: a lone surrogate at position {error.start}") from None

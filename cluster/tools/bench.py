@@ -91,6 +91,7 @@ def _percentiles(values: list[float]) -> dict:
 def grpc_requester(target: str, app: str, output_tokens: int):
     import grpc
 
+    from cluster.serving.auth import client_metadata
     from protos import inference_pb2, inference_pb2_grpc
 
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(target))
@@ -98,7 +99,7 @@ def grpc_requester(target: str, app: str, output_tokens: int):
     def request(ids):
         message = inference_pb2.GenerateRequest(prompt_token_ids=ids, max_tokens=output_tokens, temperature=0,
                                                 ignore_eos=True)
-        for reply in stub.Generate(message, timeout=600, metadata=[("application", app)]):
+        for reply in stub.Generate(message, timeout=600, metadata=[("application", app), *client_metadata()]):
             yield len(reply.token_ids)
 
     return request

@@ -64,6 +64,10 @@ def args(objs):
     return yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]["args"]
 
 
+def env_of(container, name):
+    return next(e for e in container["env"] if e["name"] == name)
+
+
 def kind(objs, kind_name, suffix=""):
     found = [o for o in objs if o["kind"] == kind_name and o["metadata"]["name"].endswith(suffix)]
     return found[0] if found else None
@@ -226,6 +230,10 @@ CASES = [
     Case("autoscaling.options", ["autoscaling.enabled=true", "autoscaling.options.idleTimeoutSeconds=120"],
          lambda o: cluster(o)["autoscalerOptions"], {"idleTimeoutSeconds": 120}),
     Case("tls.enabled", ["tls.enabled=true"], lambda o: cluster(o)["tlsOptions"], {"enabled": True}),
+    Case("auth.apiKeySecret", ["auth.apiKeySecret=moe-keys"],
+         lambda o: env_of(head_container(o), "MOECLUSTER_API_KEY")["valueFrom"]["secretKeyRef"]["name"], "moe-keys"),
+    Case("auth.apiKeySecretKey", ["auth.apiKeySecret=moe-keys", "auth.apiKeySecretKey=k"],
+         lambda o: env_of(head_container(o), "MOECLUSTER_API_KEY")["valueFrom"]["secretKeyRef"]["key"], "k"),
     Case("gcsFaultTolerance.enabled", GCS, lambda o: cluster(o)["gcsFaultToleranceOptions"]["redisAddress"],
          "redis:6379"),
     Case("gcsFaultTolerance.redisAddress", [*GCS[:1], "gcsFaultTolerance.redisAddress=r.db:6380"],

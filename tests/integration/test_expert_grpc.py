@@ -241,3 +241,32 @@ def test_a_slow_replicas_share_is_hedged_and_the_first_answer_wins(checkpoints, 
     finally:
         router.close()
         workers.stop()
+
+
+def test_unix_socket_hangs_up_on_another_user_and_grpc_binds_the_given_host(checkpoints):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from experts.bank import ExpertBank
+    from protos.wire import unix_stream
+    from router.dispatch import plan_dispatch
+
+    python = shutil.which("python3", path="/usr/bin:/bin")  # one another user may run: the venv's may be private
+    if sys.platform != "linux" or os.getuid() != 0 or python is None:
+        pytest.skip("needs Linux, root to connect as another user, and a system python3")
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True)
+    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('\\0' + sys.argv[1]); s.settimeout(10)\n"
+             "try:\n    s.sendall(b'x' * 13); print(repr(s.recv(1)))\nexcept OSError as e:\n    print('closed', e)")
+    try:
+        name = unix_stream.socket_name(workers.addresses[0]).removeprefix("\0")  # argv holds no NUL
+        other = subprocess.run([python, "-c", probe, name], check=False, user=65534, capture_output=True, text=True,
+                               timeout=60)
+        assert other.stdout.strip() in ("b''",) or other.stdout.startswith("closed"), (other.stdout, other.stderr)
+        dispatch = plan_dispatch(torch.tensor([[0]]), torch.tensor([[0]]), 8)
+        out, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses).result()  # its own user: served
+        assert out.shape == (1, 64)
+        assert workers.addresses[0].startswith("localhost:")
+    finally:
+        workers.stop()

@@ -38,7 +38,7 @@ def model_dir(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, model_dir, serve_endpoints):
+def app(ray_cluster, model_dir, serve_endpoints, inference_stub):
     config = ServeConfig(model=str(model_dir), model_name=APP, num_workers=3, default_replicas=2,
                          expert_timeout_s=DEADLINE_S, dtype="float32")
     on_head = {"num_cpus": 1, "resources": {HEAD: 1}, "runtime_env": {"env_vars": ACTOR_ENV}}  # node faults spare it
@@ -46,6 +46,10 @@ def app(ray_cluster, model_dir, serve_endpoints):
               route_prefix=f"/{APP}")
     wait_until(lambda: len(ops.status(APP)["routers"]) == 2, what="both Serve replicas to check in")
     yield ray_cluster
+    # The session's gRPC channel may still hold a connection to a proxy these tests killed (or whose node they
+    # removed): let it find a live one before the next module uses it.
+    wait_until(lambda: all(isinstance(one_request(inference_stub, PROMPTS[0], timeout=30), list) for _ in range(3)),
+               what="the session's channel to serve again")
     serve.delete(APP)
 
 

@@ -24,6 +24,8 @@ def parse(**fields):
         (dict(prompt_ids=[5] * 64), "the context holds 64"),
         (dict(temperature=-0.1), "temperature must be >= 0"),
         (dict(top_p=0.0), "top_p must be in"),
+        (dict(prompt="x\ud800y"), "prompt is not valid Unicode text: a lone surrogate at position 1"),
+        (dict(stop=["ok", "\udfff"]), "stop is not valid Unicode"),
     ],
 )
 def test_bad_input_is_named(fields, message):

@@ -188,6 +188,14 @@ spec:
         # runtime_env, so the serving replica gets it from here.
         - name: OMP_WAIT_POLICY
           value: PASSIVE
+        {{- with $root.Values.auth.apiKeySecret }}
+        # cluster/serving/auth.py: the API key clients must send.
+        - name: MOECLUSTER_API_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ . | quote }}
+              key: {{ $root.Values.auth.apiKeySecretKey | quote }}
+        {{- end }}
         {{- with $root.Values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
