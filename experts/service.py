@@ -14,11 +14,11 @@ from experts.bank import ExpertBank, ExpertNotHosted
 from experts.threads import use_process_threads
 from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
+from protos.wire.grpc_options import MESSAGE_SIZE
 from protos.wire.tensor import from_proto, to_proto
 from protos.wire.unix_stream import CallFailed
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
-_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
@@ -74,7 +74,7 @@ class ExpertServer:
     def __init__(self, bank: ExpertBank, host: str = "localhost", port: int = 0, threads: int = 8):
         self.servicer = ExpertServicer(bank)
         pool = futures.ThreadPoolExecutor(max_workers=threads, initializer=use_process_threads)
-        self.grpc = grpc.server(pool, options=_OPTIONS)
+        self.grpc = grpc.server(pool, options=MESSAGE_SIZE)
         expert_pb2_grpc.add_ExpertServicer_to_server(self.servicer, self.grpc)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)

@@ -18,11 +18,11 @@ from google.protobuf.message import DecodeError
 
 from protos import expert_pb2, expert_pb2_grpc
 from protos.wire import unix_stream
+from protos.wire.grpc_options import MESSAGE_SIZE
 from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 from router.hedge import Hedge
 
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 # A request the router built wrongly fails the same way on every replica; any other failure is the worker's.
 NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -251,7 +251,7 @@ class ExpertClient:
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         if address not in self._stubs:
-            self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = grpc.insecure_channel(address, options=MESSAGE_SIZE)
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
         return self._stubs[address]
 

@@ -15,8 +15,8 @@ from transformers import DynamicCache
 
 from cluster.engine import kv_batch
 from cluster.engine.detokenize import IncrementalText
-from cluster.engine.sampling import sample_token
-from cluster.engine.sequence import Event, SamplingParams, Sequence
+from cluster.engine.sampling import sample_token, token_logprob
+from cluster.engine.sequence import Event, SamplingParams, Sequence, TokenLogprob
 from cluster.errors import ExpertUnavailable, Overloaded, as_serving_error
 from experts.threads import use_process_threads
 
@@ -149,10 +149,7 @@ class _Lane:
         return True
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        width = max(len(s.prompt_ids) for s in seqs)
-        pad = self.engine.pad_id
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs])  # [n, L]
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs])  # [n, L]
+        ids, mask = kv_batch.left_padded([s.prompt_ids for s in seqs], self.engine.pad_id)  # [n, L], [n, L]
         cache = kv_batch.new_cache(self.model.config)
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
         self._join(seqs, cache, mask)
@@ -188,7 +185,9 @@ class _Lane:
         greedy = logits.argmax(-1).tolist()  # [B], one call for every greedy row
         for seq, row, best in zip(seqs, logits, greedy):
             p = seq.params
-            self._append(seq, best if p.temperature == 0 else sample_token(row, p.temperature, p.top_p, seq.generator))
+            token = best if p.temperature == 0 else sample_token(row, p.temperature, p.top_p, seq.generator)
+            logprob = None if p.logprobs is None else token_logprob(row, token, p.temperature, p.logprobs)
+            self._append(seq, token, logprob)
         keep = [i for i, s in enumerate(self.running) if not (s.done or s.cancelled)]
         if len(keep) < len(self.running):
             self._mask = kv_batch.select_rows(self._cache, self._mask, keep) if keep else None
@@ -196,7 +195,7 @@ class _Lane:
             if not keep:
                 self._cache = None
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.generated.append(token)
         seq.text.add(token)
         text = seq.text.text
@@ -210,7 +209,8 @@ class _Lane:
         delta = text[seq.sent_chars:end] if end > seq.sent_chars else ""
         seq.sent_chars += len(delta)
         seq.done = finish is not None
-        seq.emit(Event(token_ids=[token], text=delta, finish_reason=finish))
+        seq.emit(Event(token_ids=[token], text=delta, finish_reason=finish,
+                       logprobs=None if logprob is None else [logprob]))
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> None:
         serving_error = as_serving_error(error)

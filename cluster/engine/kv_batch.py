@@ -60,6 +60,14 @@ def _append(cached: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None
     return buffer[:, :, :end], buffer
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, L] ids, [n, L] attention mask) of `prompts`, right-aligned: L is the longest prompt."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    return ids, mask
+
+
 def pad_left(cache: DynamicCache, mask: torch.Tensor, width: int) -> torch.Tensor:
     """Grow every row to `width` positions on the left; returns the grown [B, width] mask."""
     pad = width - mask.shape[1]

@@ -2,6 +2,8 @@
 
 import torch
 
+from cluster.engine.sequence import TokenLogprob
+
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """logits: [V] for one sequence."""
@@ -13,3 +15,12 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keeps the first token that crosses top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, temperature: float, top: int) -> TokenLogprob:
+    """logits: [V]. The log-softmax of the logits `token` was drawn from: the model's own at temperature 0, else
+    divided by the temperature (before top-p, which only narrows the draw)."""
+    logprobs = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [V]
+    best = logprobs.topk(top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)

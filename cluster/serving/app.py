@@ -33,6 +33,7 @@ from cluster.serving.openai_api import (
     CompletionRequest,
     completion_body,
     completion_id,
+    completion_logprobs,
     error_body,
     usage,
     validation_message,
@@ -245,16 +246,15 @@ class MoEServer:
             prompt=body.prompt if isinstance(body.prompt, str) else None,
             prompt_ids=body.prompt if isinstance(body.prompt, list) else None,
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            stop=body.stop_list(),
+            stop=body.stop_list(), logprobs=body.logprobs,
         )
         cid, model = completion_id(), self.model_name
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._sse(cid, model, ids, params, usage), media_type="text/event-stream")
-        text, tokens, finish = "", [], None
-        async for event in self._events(ids, params):
-            text, tokens, finish = text + event.text, tokens + event.token_ids, event.finish_reason
-        return completion_body(cid, model, text, tokens, finish, prompt_tokens=len(ids))
+        whole = await self._whole(ids, params)
+        return completion_body(cid, model, whole.text, whole.token_ids, whole.finish_reason, prompt_tokens=len(ids),
+                               logprobs=completion_logprobs(self.tokenizer, whole.logprobs))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, authorization: str | None = Header(None)):
@@ -263,15 +263,18 @@ class MoEServer:
         ids = chat.render(self.tokenizer, body.messages)
         ids, params = self._parse(prompt=None, prompt_ids=ids, max_tokens=body.token_budget(),
                                   temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                  stop=body.stop_list())
+                                  stop=body.stop_list(), logprobs=body.alternatives())
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._chat_sse(cid, created, ids, params, usage), media_type="text/event-stream")
-        text, tokens, finish = "", [], None
-        async for event in self._events(ids, params):
-            text, tokens, finish = text + event.text, tokens + event.token_ids, event.finish_reason
-        return chat.chat_body(cid, self.model_name, created, text, tokens, finish, len(ids))
+        whole = await self._whole(ids, params)
+        return chat.chat_body(cid, self.model_name, created, whole.text, whole.token_ids, whole.finish_reason,
+                              len(ids), chat.chat_logprobs(self.tokenizer, whole.logprobs))
+
+    async def _whole(self, ids: list[int], params) -> Event:
+        """Every event of a request merged into one."""
+        return stream.merged([event async for event in self._events(ids, params)])
 
     async def _chat_sse(self, cid: str, created: int, ids: list[int], params, include_usage: bool):
         model, generated = self.model_name, 0
@@ -281,7 +284,8 @@ class MoEServer:
             async for event in self._events(ids, params):
                 generated += len(event.token_ids)
                 chunk = chat.chunk_body(cid, model, created, {"content": event.text} if event.text else {},
-                                        event.finish_reason, event.token_ids)
+                                        event.finish_reason, event.token_ids,
+                                        chat.chat_logprobs(self.tokenizer, event.logprobs))
                 yield f"data: {json.dumps(chunk)}\n\n"
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"
@@ -290,11 +294,14 @@ class MoEServer:
         yield "data: [DONE]\n\n"
 
     async def _sse(self, cid: str, model: str, ids: list[int], params, include_usage: bool = False):
-        generated = 0
+        generated, offset = 0, 0
         try:
             async for event in self._events(ids, params):
                 generated += len(event.token_ids)
-                chunk = completion_body(cid, model, event.text, event.token_ids, event.finish_reason)
+                logprobs = completion_logprobs(self.tokenizer, event.logprobs, offset)
+                offset += len(event.text)
+                chunk = completion_body(cid, model, event.text, event.token_ids, event.finish_reason,
+                                        logprobs=logprobs)
                 yield f"data: {json.dumps(chunk)}\n\n"
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"

@@ -10,7 +10,7 @@ from cluster.serving.openai_api import StreamOptions, usage
 from cluster.serving.requests import check_text
 
 # Fields this server does not implement, with the value that asks for nothing: any other value is refused by name.
-NOT_IMPLEMENTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
+NOT_IMPLEMENTED = {"n": 1, "tools": None, "tool_choice": None,
                    "response_format": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
 
 
@@ -61,9 +61,15 @@ class ChatRequest(BaseModel):
         asked = [name for name, neutral in NOT_IMPLEMENTED.items() if getattr(self, name) != neutral]
         if asked:
             raise ValueError(f"{', '.join(asked)}: not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("max_tokens, max_completion_tokens: send one of them")
         return self
+
+    def alternatives(self) -> int | None:
+        """Alternatives per token to report: None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -84,20 +90,35 @@ def render(tokenizer, messages: list[Message]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def chat_logprobs(tokenizer, logprobs: list | None) -> dict | None:
+    """The chat API's logprobs of `logprobs` (TokenLogprob): each token with its bytes and its alternatives."""
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
 def chat_body(cid: str, model: str, created: int, text: str, token_ids: list[int], finish: str | None,
-              prompt_tokens: int) -> dict:
+              prompt_tokens: int, logprobs: dict | None = None) -> dict:
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                      "finish_reason": finish, "token_ids": token_ids}],
         "usage": usage(prompt_tokens, len(token_ids)),
     }
 
 
-def chunk_body(cid: str, model: str, created: int, delta: dict, finish: str | None, token_ids: list[int]) -> dict:
+def chunk_body(cid: str, model: str, created: int, delta: dict, finish: str | None, token_ids: list[int],
+               logprobs: dict | None = None) -> dict:
     return {
         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "token_ids": token_ids}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                     "token_ids": token_ids}],
     }
 
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 # OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
 # by name, never silently ignored.
-NOT_IMPLEMENTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
+NOT_IMPLEMENTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0,
                    "frequency_penalty": 0, "logit_bias": None}
 
 
@@ -55,17 +55,27 @@ def completion_id() -> str:
 
 
 def completion_body(cid: str, model: str, text: str, token_ids: list[int], finish: str | None,
-                    prompt_tokens: int | None = None) -> dict:
+                    prompt_tokens: int | None = None, logprobs: dict | None = None) -> dict:
     body = {
         "id": cid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": logprobs, "finish_reason": finish}],
     }
     if prompt_tokens is not None:
         body["usage"] = usage(prompt_tokens, len(token_ids))
     return body
+
+
+def completion_logprobs(tokenizer, logprobs: list | None, text_offset: int = 0) -> dict | None:
+    """The completions API's logprobs of `logprobs` (TokenLogprob), whose text starts at `text_offset`."""
+    if logprobs is None:
+        return None
+    tokens = [tokenizer.decode([lp.token_id]) for lp in logprobs]
+    offsets = [text_offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top} for lp in logprobs], "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -5,11 +5,13 @@ import math
 from cluster.engine.sequence import SamplingParams
 from cluster.errors import InvalidRequest
 
+MAX_LOGPROBS = 20  # OpenAI's own limit on alternatives per token
+
 
 def parse_generation(
     *, prompt: str | None, prompt_ids: list[int] | None, max_tokens: int | None, temperature: float | None,
     top_p: float | None, seed: int | None, stop: list[str] | None, tokenizer, ignore_eos: bool = False, vocab_size: int, context_len: int,
-    default_max_tokens: int,
+    default_max_tokens: int, logprobs: int | None = None,
 ) -> tuple[list[int], SamplingParams]:
     for name, text in [("prompt", prompt or ""), *(("stop", s) for s in stop or [])]:
         check_text(name, text)
@@ -30,8 +32,10 @@ def parse_generation(
     top_p = 1.0 if top_p is None else top_p
     if not 0 < top_p <= 1:
         raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}] (alternatives per token), got {logprobs}")
     stop = tuple(s for s in (stop or []) if s)
-    return ids, SamplingParams(max_tokens, temperature, top_p, seed, stop, ignore_eos)
+    return ids, SamplingParams(max_tokens, temperature, top_p, seed, stop, ignore_eos, logprobs)
 
 
 def check_text(name: str, text: str) -> None:

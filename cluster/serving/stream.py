@@ -37,5 +37,6 @@ async def every(events: AsyncIterator[Event], interval: int) -> AsyncIterator[Ev
 def merged(events: list[Event]) -> Event:
     if len(events) == 1:
         return events[0]
+    logprobs = None if events[0].logprobs is None else [lp for e in events for lp in e.logprobs or []]
     return Event(token_ids=[t for e in events for t in e.token_ids], text="".join(e.text for e in events),
-                 finish_reason=events[-1].finish_reason)
+                 finish_reason=events[-1].finish_reason, logprobs=logprobs)

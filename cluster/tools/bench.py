@@ -120,11 +120,12 @@ def run_transformers(model_dir: str, workload: Workload, prompts: list[list[int]
     """transformers' generate on one static batch of all the prompts (left-padded), in this process."""
     from transformers import AutoModelForCausalLM
 
+    from cluster.engine.kv_batch import left_padded
+
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ids, mask = left_padded(prompts, pad_id=0)
+    width = ids.shape[1]
     model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False)  # warm-up
     started = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=workload.output_tokens,

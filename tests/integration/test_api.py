@@ -155,7 +155,7 @@ def test_a_model_not_served_is_404_model_not_found(client):
         client.models.retrieve("gpt-4o")
 
 
-@pytest.mark.parametrize("field", [{"n": 2}, {"best_of": 3}, {"echo": True}, {"logprobs": 1}, {"suffix": "!"},
+@pytest.mark.parametrize("field", [{"n": 2}, {"best_of": 3}, {"echo": True}, {"logprobs": 21}, {"suffix": "!"},
                                    {"presence_penalty": 0.5}, {"tools": []}, {"max_token": 3}])
 def test_a_field_not_implemented_is_refused_by_name(client, field):
     import openai
@@ -191,7 +191,7 @@ def test_completions_stream_usage_when_asked(client):
     assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
 
 
-@pytest.mark.parametrize("field", [{"n": 2}, {"logprobs": True}, {"tools": [{"type": "function"}]},
+@pytest.mark.parametrize("field", [{"n": 2}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]},
                                    {"response_format": {"type": "json_object"}}, {"functions": []}])
 def test_a_chat_field_not_implemented_is_refused_by_name(client, field):
     import openai
@@ -266,3 +266,28 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(app):
     reply = httpx.post(f"{app}/v1/completions", content=b'{"prompt": "x\\ud800y", "max_tokens": 2}',
                        headers={"content-type": "application/json"}, timeout=60)
     assert reply.status_code == 400 and "lone surrogate" in reply.json()["error"]["message"]
+
+
+def test_logprobs_of_completions_and_chat_plain_and_streamed(client):
+    plain = client.completions.create(model=APP, prompt="Hello, world", max_tokens=6, temperature=0, logprobs=2)
+    logprobs = plain.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 6 == len(logprobs.tokens) == len(logprobs.top_logprobs)
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) <= 2 and logprob <= 0 and max(top.values()) == pytest.approx(logprob)  # greedy: the best
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    streamed = [lp for chunk in client.completions.create(model=APP, prompt="Hello, world", max_tokens=6,
+                                                          temperature=0, logprobs=2, stream=True)
+                for lp in chunk.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(logprobs.token_logprobs)
+
+    messages = [{"role": "user", "content": "Hello, world"}]
+    reply = client.chat.completions.create(model=APP, messages=messages, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+    chunks = client.chat.completions.create(model=APP, messages=messages, max_tokens=5, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [c.logprob for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert streamed == pytest.approx([c.logprob for c in content])

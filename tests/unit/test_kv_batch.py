@@ -36,3 +36,10 @@ def test_row_surgery_then_growth_stays_exact():
     want = torch.cat([first[[0, 2], :, 1:], new], dim=-2)
     torch.testing.assert_close(keys, want, rtol=0, atol=0)
     assert mask.shape == (2, 3)
+
+
+def test_left_padded_right_aligns_prompts_with_their_mask():
+    from cluster.engine.kv_batch import left_padded
+
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

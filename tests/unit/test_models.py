@@ -25,3 +25,27 @@ def test_serving_side_holds_no_routed_expert_weights(checkpoints, arch):
     dense = load_dense_model(checkpoints[arch])
     for module in experts_modules(dense).values():
         assert list(module.parameters()) == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_logprobs_are_transformers_log_softmax_for_greedy_decoding(checkpoints, arch):
+    from transformers import AutoTokenizer
+
+    from cluster.engine.engine import Engine
+    from cluster.engine.sequence import SamplingParams
+
+    full = transformers_model(checkpoints[arch])
+    dense = load_dense_model(checkpoints[arch], "float32")
+    attach(dense, checkpoints[arch], 2, LocalExperts)
+    engine = Engine(dense, AutoTokenizer.from_pretrained(checkpoints[arch]), dense.config.max_position_embeddings,
+                    background=False)
+    prompt = [5, 17, 42, 99]
+    events = list(engine.stream(prompt, SamplingParams(max_tokens=5, logprobs=3, ignore_eos=True)))
+    got = [lp for event in events for lp in event.logprobs]
+    ids = torch.tensor([prompt])
+    out = full.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                        do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for lp, logits, token in zip(got, out.logits, out.sequences[0, len(prompt):].tolist(), strict=True):
+        want = torch.log_softmax(logits[0].float(), -1)
+        assert lp.token_id == token and lp.logprob == pytest.approx(float(want[token]), abs=1e-4)
+        assert [t for t, _ in lp.top] == want.topk(3).indices.tolist()
