@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.errors import InvalidRequest
-from cluster.serving.openai_api import StreamOptions, usage
+from cluster.serving.openai_api import StreamOptions, refuse_unimplemented, usage
 from cluster.serving.requests import check_text
 
 # Fields this server does not implement, with the value that asks for nothing: any other value is refused by name.
@@ -58,9 +58,7 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
-        asked = [name for name, neutral in NOT_IMPLEMENTED.items() if getattr(self, name) != neutral]
-        if asked:
-            raise ValueError(f"{', '.join(asked)}: not supported by this server")
+        refuse_unimplemented(self, NOT_IMPLEMENTED)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:

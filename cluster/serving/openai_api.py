@@ -11,6 +11,13 @@ NOT_IMPLEMENTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presenc
                    "frequency_penalty": 0, "logit_bias": None}
 
 
+def refuse_unimplemented(request: BaseModel, neutral: dict) -> None:
+    """ValueError naming every field of `request` set to anything but its `neutral` value."""
+    asked = [name for name, value in neutral.items() if getattr(request, name) != value]
+    if asked:
+        raise ValueError(f"{', '.join(asked)}: not supported by this server")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,9 +48,7 @@ class CompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
-        asked = [name for name, neutral in NOT_IMPLEMENTED.items() if getattr(self, name) != neutral]
-        if asked:
-            raise ValueError(f"{', '.join(asked)}: not supported by this server")
+        refuse_unimplemented(self, NOT_IMPLEMENTED)
         return self
 
     def stop_list(self) -> list[str]:
