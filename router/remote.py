@@ -99,6 +99,9 @@ class ExpertRouter:
                 self.hedging.observe(layer, time.perf_counter() - sent)
             compute_s += replies.compute_s
             self._count_workers(dispatch)
+            if not replies.failed:  # the usual case: one scatter, no masks
+                out[sent_pairs] = replies.out
+                break
             failed = torch.zeros(len(sent_pairs), dtype=torch.bool)
             for error, a, b in replies.failed:
                 if not error.retryable:
@@ -125,9 +128,9 @@ class ExpertRouter:
 
     def _hedge(self, layer: int, table: RoutingTable) -> Hedge | None:
         after_s = self.hedging.after_s(layer) if self.hedging is not None else None
-        hosts = table.replicas[layer]
-        if after_s is None or all(len(workers) < 2 for workers in hosts):
+        if after_s is None or layer not in table.hedgeable:
             return None
+        hosts = table.replicas[layer]
 
         def reroute(experts: list[int], avoid: set[int]) -> dict[int, int] | None:
             out, ejected, load = {}, self.health.ejected(), self.client.outstanding()

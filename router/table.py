@@ -8,6 +8,11 @@ class RoutingTable:
     version: int
     addresses: dict[int, str]  # worker -> gRPC address
     replicas: dict[int, list[list[int]]] = field(default_factory=dict)  # layer -> per expert, workers hosting it
+    hedgeable: frozenset[int] = field(init=False)  # layers where some expert has 2 or more replicas
+
+    def __post_init__(self):
+        layers = frozenset(layer for layer, hosts in self.replicas.items() if any(len(w) > 1 for w in hosts))
+        object.__setattr__(self, "hedgeable", layers)
 
     @classmethod
     def from_plan(cls, version: int, plan: list[list[tuple[int, int]]], addresses: dict[int, str],
