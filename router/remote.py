@@ -122,9 +122,14 @@ class ExpertRouter:
         try:
             pair_worker = assign_workers(layer, experts, live, self.client.outstanding(), next(self._turns))
         except NoReplica as error:
-            why = next((self.health.reason(w) for w in hosts[error.expert] if self.health.reason(w)), "")
-            raise NoReplica(layer, error.expert, why) from None
+            raise NoReplica(layer, error.expert, self._why_no_replica(table, hosts[error.expert])) from None
         return plan_dispatch(experts, pair_worker, len(live))
+
+    def _why_no_replica(self, table: RoutingTable, hosts: list[int]) -> str:
+        failure = next((reason for reason in map(self.health.reason, hosts) if reason), "")
+        if failure:
+            return f"last replica failed: {failure}"
+        return f"expert workers {sorted(table.gone)} are gone and being replaced" if table.gone else ""
 
     def _hedge(self, layer: int, table: RoutingTable) -> Hedge | None:
         after_s = self.hedging.after_s(layer) if self.hedging is not None else None

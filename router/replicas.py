@@ -9,9 +9,8 @@ MIN_SPLIT = 16  # fewer rows than this per replica cost more in calls than they 
 
 
 class NoReplica(LookupError):
-    def __init__(self, layer: int, expert: int, last_failure: str = ""):
-        reason = f" (last replica failed: {last_failure})" if last_failure else ""
-        super().__init__(f"layer {layer} expert {expert} has no live replica{reason}")
+    def __init__(self, layer: int, expert: int, why: str = ""):
+        super().__init__(f"layer {layer} expert {expert} has no live replica" + (f" ({why})" if why else ""))
         self.layer, self.expert = layer, expert
 
 

@@ -8,6 +8,7 @@ class RoutingTable:
     version: int
     addresses: dict[int, str]  # worker -> gRPC address
     replicas: dict[int, list[list[int]]] = field(default_factory=dict)  # layer -> per expert, workers hosting it
+    gone: frozenset[int] = frozenset()  # workers of the plan that are dead and not yet replaced
     hedgeable: frozenset[int] = field(init=False)  # layers where some expert has 2 or more replicas
 
     def __post_init__(self):
@@ -22,4 +23,5 @@ class RoutingTable:
             if worker in addresses:
                 for layer, expert in pairs:
                     replicas[layer][expert].append(worker)
-        return cls(version, dict(addresses), replicas)
+        gone = frozenset(w for w, pairs in enumerate(plan) if pairs and w not in addresses)
+        return cls(version, dict(addresses), replicas, gone)

@@ -156,6 +156,17 @@ def test_an_ejected_worker_is_probed_and_readmitted_once_it_answers():
         router.close()
 
 
+def test_an_expert_whose_worker_the_controller_dropped_says_it_is_being_replaced():
+    plan = [[(0, 0), (0, 3)], [(0, 1), (0, 2)]]
+    table = RoutingTable.from_plan(2, plan, {0: "w0"}, {0: 4})  # worker 1 died; its replacement is not up yet
+    router = ExpertRouter(table, FakeWorkers())
+    try:
+        with pytest.raises(NoReplica, match=r"expert [12] has no live replica \(expert workers \[1\] are gone"):
+            router.forward(0, *layer_inputs())
+    finally:
+        router.close()
+
+
 def test_a_request_the_router_built_wrongly_is_not_retried():
     workers = FakeWorkers(grpc.StatusCode.INVALID_ARGUMENT)
     router = router_over(workers, [[0, 1], [0, 1], [0, 1], [0, 1]])
