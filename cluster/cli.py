@@ -53,13 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="throughput and latency against transformers and in-process experts")
     bench.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    bench.add_argument("--workload", choices=["realistic", "equal"], default="realistic",
+                       help="realistic: long-tailed prompt and output lengths; equal: --prompt-tokens/--output-tokens")
     bench.add_argument("--streams", type=int, default=32)
-    bench.add_argument("--prompt-tokens", type=int, default=32)
-    bench.add_argument("--output-tokens", type=int, default=64)
-    bench.add_argument("--requests-per-stream", type=int, default=1)
+    bench.add_argument("--requests-per-stream", type=int, default=4)
+    bench.add_argument("--prompt-lengths", default="16:64:512", help="realistic prompt tokens LOW:MEDIAN:HIGH")
+    bench.add_argument("--output-lengths", default="8:32:256", help="realistic output tokens LOW:MEDIAN:HIGH")
+    bench.add_argument("--prompt-tokens", type=int, default=32, help="equal-length prompt tokens")
+    bench.add_argument("--output-tokens", type=int, default=64, help="equal-length output tokens")
+    bench.add_argument("--seed", type=int, default=0, help="of the workload's lengths and token ids")
     bench.add_argument("--arrival", choices=["closed", "poisson"], default="closed")
     bench.add_argument("--rate", type=float, default=0.0, help="requests/s over all streams, with --arrival poisson")
-    bench.add_argument("--workers", type=int, default=4)
+    bench.add_argument("--workers", default="1,2,4", help="expert worker counts to serve with, e.g. 1,2,4")
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bench.add_argument("--stream-interval", type=int, default=1, help="fewest tokens per streamed message after the first")
     bench.add_argument("--placement", choices=choices(ServeConfig, "placement"), default="auto")
@@ -129,7 +134,7 @@ def _serve(args) -> int:
     from ray.serve.config import gRPCOptions
 
     from cluster.node_env import apply_node_env
-    from cluster.serving.app import GRPC_SERVICER
+    from cluster.serving.grpc_api import SERVICERS
 
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
@@ -149,7 +154,7 @@ def _serve(args) -> int:
         ray.init(address="local", num_cpus=cpus)
     serve.start(
         http_options={"host": "0.0.0.0", "port": args.http_port},
-        grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+        grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=SERVICERS),
     )
     from cluster.serving.app import build
 
@@ -220,19 +225,28 @@ def _bench(args) -> int:
     import json
 
     from cluster.demo_model import default_model_dir
-    from cluster.tools.bench import SMOKE, Workload, bench, print_summary
+    from cluster.tools.bench import SMOKE, bench, print_summary
+    from cluster.tools.workload import Workload, parse_counts, parse_lengths
 
+    try:
+        args.workers, args.prompt_lengths, args.output_lengths = (
+            parse_counts(args.workers), parse_lengths(args.prompt_lengths), parse_lengths(args.output_lengths))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
     if args.stream_interval < 1:
         print(f"error: --stream-interval must be >= 1, got {args.stream_interval}", file=sys.stderr)
         return 2
-    workload = Workload(args.streams, args.prompt_tokens, args.output_tokens, args.requests_per_stream,
-                        args.arrival, args.rate)
+    shape = dict(streams=args.streams, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                 arrival=args.arrival, rate=args.rate, seed=args.seed)
+    workload = Workload(args.workload, requests_per_stream=args.requests_per_stream,
+                        prompt_lengths=args.prompt_lengths, output_lengths=args.output_lengths, **shape)
     report = bench(args.model or str(default_model_dir()), workload, args.workers, args.dtype, args.micro_iters,
                    baselines=not args.no_baselines, stream_interval=args.stream_interval,
-                   placement=args.placement)
+                   placement=args.placement, equal=Workload("equal", requests_per_stream=1, **shape))
     text = json.dumps(report, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -52,6 +52,27 @@ class HedgeConfig(_Strict):
     )
 
 
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body; a larger one is a 400.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens; unset: the model's context less one."
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask; unset: the context.")
+    max_n: int = Field(16, ge=1, description="Most choices (n) one request may ask for.")
+    streams_per_connection: int = Field(
+        64, ge=1, description="gRPC Generate calls one client connection may have in flight on one serving replica; "
+        "more are RESOURCE_EXHAUSTED.",
+    )
+    frame_message_bytes: int = Field(
+        64 << 20, ge=1 << 16, description="Largest protobuf message of an expert call's Unix-socket frame (and its "
+        "gRPC message's, less the rows).",
+    )
+    frame_tensor_bytes: int = Field(
+        16 << 30, ge=1 << 20, description="Largest tensor payload of an expert call's Unix-socket frame and gRPC "
+        "message (the rows of one layer call to one worker).",
+    )
+
+
 class ServeConfig(_Strict):
     model: str | None = Field(None, description="Checkpoint directory; unset serves the embedded default model.")
     model_name: str | None = Field(
@@ -101,6 +122,7 @@ class ServeConfig(_Strict):
         None, description="File of API keys, one a line, that clients send as Authorization: Bearer KEY (with "
         "MOECLUSTER_API_KEY's); no key at all leaves the APIs open.",
     )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics_open: bool = Field(False, description="Serve /metrics without an API key even when keys are set.")
     metrics_expert_series: int = Field(
         4096, ge=0, description="Most (layer, expert) series /metrics exports; a model with more routed experts "

@@ -26,6 +26,11 @@ class ModelNotFound(ServingError):
     code = "model_not_found"
 
 
+class UnknownService(ServingError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
 class Overloaded(ServingError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429

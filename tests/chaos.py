@@ -40,7 +40,8 @@ def main() -> None:
     from cluster.control import ops
     from cluster.demo_model import default_model_dir
     from cluster.node_env import apply_node_env
-    from cluster.serving.app import GRPC_SERVICER, MoEServer
+    from cluster.serving.app import MoEServer
+    from cluster.serving.grpc_api import SERVICERS
     from protos import inference_pb2_grpc
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
@@ -50,7 +51,7 @@ def main() -> None:
         cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=SERVICERS),
                 http_options={"host": "127.0.0.1", "port": args.http_port})
     config = ServeConfig(model=str(default_model_dir()), model_name=APP, num_workers=3, default_replicas=2,
                          expert_timeout_s=DEADLINE_S, dtype="float32")

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from cluster.engine import kv_batch
 from cluster.engine.detokenize import IncrementalText
-from cluster.engine.sampling import sample_token, token_logprob
+from cluster.engine.sampling import prompt_logprobs, sample_token, token_logprob
 from cluster.engine.sequence import Event, SamplingParams, Sequence, TokenLogprob
 from cluster.errors import ExpertUnavailable, Overloaded, as_serving_error
 from experts.threads import use_process_threads
@@ -151,24 +151,30 @@ class _Lane:
     def _prefill(self, seqs: list[Sequence]) -> None:
         ids, mask = kv_batch.left_padded([s.prompt_ids for s in seqs], self.engine.pad_id)  # [n, L], [n, L]
         cache = kv_batch.new_cache(self.model.config)
-        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
+        scored = [s.params.prompt_logprobs is not None for s in seqs]
+        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, every_position=any(scored))
+        for seq, rows, score in zip(seqs, logits, scored):  # rows: [L or 1, V]
+            if score:
+                seq.prompt_logprobs = prompt_logprobs(rows[-len(seq.prompt_ids):], seq.prompt_ids,
+                                                      seq.params.prompt_logprobs)
         self._join(seqs, cache, mask)
-        self._advance(seqs, logits)
+        self._advance(seqs, logits[:, -1])
 
     def _decode(self) -> None:
         last = torch.tensor([[s.generated[-1]] for s in self.running])  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # [B, S + 1]
         positions = torch.tensor([[s.length - 1] for s in self.running])  # [B, 1]
         logits = self._forward(last, self._mask, positions, self._cache)
-        self._advance(self.running, logits)
+        self._advance(self.running, logits[:, -1])
 
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, ids, mask, positions, cache, every_position: bool = False) -> torch.Tensor:
+        """[B, L, V] logits at every position, or [B, 1, V] at the last only."""
         with self.engine.step_tokens(ids):
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every_position else 1,
             )
-        return out.logits[:, -1].float()  # [B, V]
+        return out.logits.float()
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         if not self.running:
@@ -185,6 +191,10 @@ class _Lane:
         greedy = logits.argmax(-1).tolist()  # [B], one call for every greedy row
         for seq, row, best in zip(seqs, logits, greedy):
             p = seq.params
+            if p.max_tokens == 0:  # scoring a prompt (echo): its logprobs are the whole answer
+                seq.done = True
+                seq.emit(Event(token_ids=[], text="", finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
+                continue
             token = best if p.temperature == 0 else sample_token(row, p.temperature, p.top_p, seq.generator)
             logprob = None if p.logprobs is None else token_logprob(row, token, p.temperature, p.logprobs)
             self._append(seq, token, logprob)
@@ -210,7 +220,8 @@ class _Lane:
         seq.sent_chars += len(delta)
         seq.done = finish is not None
         seq.emit(Event(token_ids=[token], text=delta, finish_reason=finish,
-                       logprobs=None if logprob is None else [logprob]))
+                       logprobs=None if logprob is None else [logprob], prompt_logprobs=seq.prompt_logprobs))
+        seq.prompt_logprobs = None
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> None:
         serving_error = as_serving_error(error)

@@ -24,3 +24,15 @@ def token_logprob(logits: torch.Tensor, token: int, temperature: float, top: int
     best = logprobs.topk(top) if top else None
     alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
     return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top: int) -> list[TokenLogprob]:
+    """logits: [L, V], the model's at each of the L prompt positions. Each prompt token's log-probability given
+    the tokens before it, with its `top` alternatives; the first token has none."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L - 1, V]
+    chosen = logprobs.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0].tolist()  # [L - 1]
+    best = logprobs.topk(top) if top else None
+    alternatives = ([tuple(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())] if best
+                    is not None else [()] * len(chosen))
+    return [TokenLogprob(prompt_ids[0], None)] + [
+        TokenLogprob(token, logprob, top_) for token, logprob, top_ in zip(prompt_ids[1:], chosen, alternatives)]

@@ -16,6 +16,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # alternatives reported per token, most likely first; None: no logprobs
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: none
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class TokenLogprob:
     tokens' (id, log-probability)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -35,6 +36,7 @@ class Event:
     finish_reason: str | None = None
     error: Exception | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, on the first event, when asked
 
 
 @dataclass(eq=False)
@@ -47,6 +49,7 @@ class Sequence:
     cancelled: bool = False
     done: bool = False
     text: IncrementalText | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first event
 
     def __post_init__(self):
         self.generator = None if self.params.seed is None else torch.Generator().manual_seed(self.params.seed)

@@ -14,6 +14,7 @@ import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2
 from ray import serve
 from transformers import AutoTokenizer
 
@@ -22,23 +23,27 @@ from cluster.control.controller import RouterReport, start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine.engine import Engine
 from cluster.engine.sequence import Event, Sequence
-from cluster.errors import ModelNotFound, ServingError
+from cluster.errors import ModelNotFound, ServingError, UnknownService
 from cluster.node_env import ACTOR_ENV
-from cluster.serving import chat, metrics, stream
+from cluster.serving import chat, grpc_api, metrics, stream
 from cluster.serving.auth import ENV as AUTH_ENV
 from cluster.serving.auth import ApiKeys
+from cluster.serving.body_limit import BodyLimit
 from cluster.serving.chat import ChatRequest
+from cluster.serving.logs import one_line_refusals
 from cluster.serving.metrics import RequestTimer, ServingMetrics
 from cluster.serving.openai_api import (
     CompletionRequest,
     completion_body,
+    completion_choice,
     completion_id,
     completion_logprobs,
+    echoed,
     error_body,
     usage,
     validation_message,
 )
-from cluster.serving.requests import parse_generation
+from cluster.serving.requests import choice_params, parse_generation
 from experts.threads import usable_cores
 from protos import inference_pb2
 from router.client import ExpertClient
@@ -50,8 +55,8 @@ from router.seam import route_experts
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
+api.add_middleware(BodyLimit)
 REPORT_INTERVAL_S = 0.2
-GRPC_SERVICER = "protos.inference_pb2_grpc.add_InferenceServicer_to_server"  # Serve's gRPC proxies need it
 DEMO_MODEL_NAME = "moecluster-default"
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
@@ -88,6 +93,8 @@ def hedge_policy(config: HedgeConfig) -> HedgePolicy | None:
 class MoEServer:
     def __init__(self, config: dict | ServeConfig):
         self.config = ServeConfig.model_validate(config)
+        one_line_refusals()
+        BodyLimit.max_bytes = self.config.limits.max_body_bytes
         torch.set_num_threads(self.config.serving_threads or usable_cores())
         model_dir = self.config.model or str(default_model_dir())
         self.model_name = self.config.model_name or (Path(model_dir).name if self.config.model else DEMO_MODEL_NAME)
@@ -108,6 +115,7 @@ class MoEServer:
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
                              self.config.max_waiting, step_tokens=self.router.tokens,
                              lanes=self.config.engine_lanes)
+        self.connections = grpc_api.ConnectionStreams(self.config.limits.streams_per_connection)
         self.metrics = ServingMetrics(self.model_name, self.config.metrics_expert_series,
                                       running=self.engine.running, waiting=self.engine.waiting)
         self.router.client.on_reply = lambda worker, s: self.metrics.forward_seconds.labels(str(worker)).observe(s)
@@ -159,7 +167,7 @@ class MoEServer:
     def _parse(self, **fields):
         return parse_generation(
             **fields, tokenizer=self.tokenizer, vocab_size=self.model.config.vocab_size,
-            context_len=self.context_len, default_max_tokens=self.config.default_max_tokens,
+            context_len=self.context_len, default_max_tokens=self.config.default_max_tokens, limits=self.config.limits,
         )
 
     def _events(self, prompt_ids: list[int], params):
@@ -190,23 +198,36 @@ class MoEServer:
         try:
             if grpc_context is not None:
                 self.keys.check(dict(grpc_context.invocation_metadata()).get("authorization"))
-            ids, params = self._parse(
-                prompt=request.prompt, prompt_ids=list(request.prompt_token_ids),
-                max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
-                temperature=request.temperature if request.HasField("temperature") else None,
-                top_p=request.top_p if request.HasField("top_p") else None,
-                seed=request.seed if request.HasField("seed") else None, stop=list(request.stop),
-                ignore_eos=request.ignore_eos,
-            )
-            async for event in self._events(ids, params):
-                yield inference_pb2.GenerateResponse(
-                    token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason or ""
-                )
+            fields = grpc_api.generation_fields(request)
+            n = fields.pop("n")
+            ids, params = self._parse(**fields)
+            each = choice_params(params, n, self.config.limits.max_n)
+            with self.connections.held(grpc_context.peer() if grpc_context is not None else None):
+                async for index, event in self._choices(ids, each):
+                    yield grpc_api.response(index, event)
         except ServingError as error:
             if grpc_context is not None:
                 grpc_context.set_code(error.grpc_code)
                 grpc_context.set_details(str(error))
             raise
+
+    # --- gRPC: grpc.health.v1.Health, for probes and load balancers (open, as /health is) ---
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        return health_pb2.HealthCheckResponse(status=self._serving(request.service, grpc_context))
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        yield health_pb2.HealthCheckResponse(status=self._serving(request.service, grpc_context))
+        await asyncio.Event().wait()  # a replica that answers is serving: nothing changes until it goes away
+
+    def _serving(self, service: str, grpc_context):
+        if service not in ("", grpc_api.SERVICE):
+            error = UnknownService(f"no service {service!r} here; ask for {grpc_api.SERVICE!r} or the server ('')")
+            if grpc_context is not None:
+                grpc_context.set_code(error.grpc_code)
+                grpc_context.set_details(str(error))
+            raise error
+        return health_pb2.HealthCheckResponse.SERVING
 
     # --- HTTP: OpenAI-compatible ---
 
@@ -242,19 +263,26 @@ class MoEServer:
     async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)):
         self.keys.check(authorization)
         self._check_model(body.model)
+        text = isinstance(body.prompt, str)
         ids, params = self._parse(
-            prompt=body.prompt if isinstance(body.prompt, str) else None,
-            prompt_ids=body.prompt if isinstance(body.prompt, list) else None,
+            prompt=body.prompt if text else None, prompt_ids=None if text else body.prompt,
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            stop=body.stop_list(), logprobs=body.logprobs,
+            stop=body.stop_list(), logprobs=body.logprobs, echo=body.echo,
         )
+        each = choice_params(params, body.n, self.config.limits.max_n)
+        echo = (body.prompt if text else self.tokenizer.decode(ids)) if body.echo else None
         cid, model = completion_id(), self.model_name
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._sse(cid, model, ids, params, usage), media_type="text/event-stream")
-        whole = await self._whole(ids, params)
-        return completion_body(cid, model, whole.text, whole.token_ids, whole.finish_reason, prompt_tokens=len(ids),
-                               logprobs=completion_logprobs(self.tokenizer, whole.logprobs))
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._sse(cid, model, ids, each, echo, include_usage),
+                                     media_type="text/event-stream")
+        choices, generated = [], 0
+        for index, whole in enumerate(await self._wholes(ids, each)):
+            text, logprobs = echoed(whole, echo, params.logprobs is not None)
+            choices.append(completion_choice(index, text, whole.token_ids, whole.finish_reason,
+                                             completion_logprobs(self.tokenizer, logprobs)))
+            generated += len(whole.token_ids)
+        return completion_body(cid, model, choices, usage(len(ids), generated))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, authorization: str | None = Header(None)):
@@ -264,26 +292,36 @@ class MoEServer:
         ids, params = self._parse(prompt=None, prompt_ids=ids, max_tokens=body.token_budget(),
                                   temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                   stop=body.stop_list(), logprobs=body.alternatives())
+        each = choice_params(params, body.n, self.config.limits.max_n)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._chat_sse(cid, created, ids, params, usage), media_type="text/event-stream")
-        whole = await self._whole(ids, params)
-        return chat.chat_body(cid, self.model_name, created, whole.text, whole.token_ids, whole.finish_reason,
-                              len(ids), chat.chat_logprobs(self.tokenizer, whole.logprobs))
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._chat_sse(cid, created, ids, each, include_usage),
+                                     media_type="text/event-stream")
+        wholes = await self._wholes(ids, each)
+        choices = [chat.chat_choice(i, w.text, w.token_ids, w.finish_reason, chat.chat_logprobs(self.tokenizer, w.logprobs))
+                   for i, w in enumerate(wholes)]
+        return chat.chat_body(cid, self.model_name, created, choices, usage(len(ids), sum(len(w.token_ids) for w in wholes)))
 
-    async def _whole(self, ids: list[int], params) -> Event:
-        """Every event of a request merged into one."""
-        return stream.merged([event async for event in self._events(ids, params)])
+    async def _wholes(self, ids: list[int], each: list) -> list[Event]:
+        """Every choice's events, each merged into one."""
+        events: list[list[Event]] = [[] for _ in each]
+        async for index, event in self._choices(ids, each):
+            events[index].append(event)
+        return [stream.merged(e) for e in events]
 
-    async def _chat_sse(self, cid: str, created: int, ids: list[int], params, include_usage: bool):
+    def _choices(self, ids: list[int], each: list):
+        return stream.interleave([self._events(ids, params) for params in each])
+
+    async def _chat_sse(self, cid: str, created: int, ids: list[int], each: list, include_usage: bool):
         model, generated = self.model_name, 0
-        first = chat.chunk_body(cid, model, created, {"role": "assistant", "content": ""}, None, [])
-        yield f"data: {json.dumps(first)}\n\n"
+        for index in range(len(each)):
+            first = chat.chunk_body(cid, model, created, index, {"role": "assistant", "content": ""}, None, [])
+            yield f"data: {json.dumps(first)}\n\n"
         try:
-            async for event in self._events(ids, params):
+            async for index, event in self._choices(ids, each):
                 generated += len(event.token_ids)
-                chunk = chat.chunk_body(cid, model, created, {"content": event.text} if event.text else {},
+                chunk = chat.chunk_body(cid, model, created, index, {"content": event.text} if event.text else {},
                                         event.finish_reason, event.token_ids,
                                         chat.chat_logprobs(self.tokenizer, event.logprobs))
                 yield f"data: {json.dumps(chunk)}\n\n"
@@ -293,21 +331,22 @@ class MoEServer:
             yield f"data: {json.dumps(chat.usage_chunk(cid, model, created, len(ids), generated))}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _sse(self, cid: str, model: str, ids: list[int], params, include_usage: bool = False):
-        generated, offset = 0, 0
+    async def _sse(self, cid: str, model: str, ids: list[int], each: list, echo: str | None, include_usage: bool):
+        generated, offsets, started = 0, [0] * len(each), set()
+        with_logprobs = each[0].logprobs is not None
         try:
-            async for event in self._events(ids, params):
+            async for index, event in self._choices(ids, each):
                 generated += len(event.token_ids)
-                logprobs = completion_logprobs(self.tokenizer, event.logprobs, offset)
-                offset += len(event.text)
-                chunk = completion_body(cid, model, event.text, event.token_ids, event.finish_reason,
-                                        logprobs=logprobs)
-                yield f"data: {json.dumps(chunk)}\n\n"
+                text, logprobs = echoed(event, None if index in started else echo, with_logprobs)
+                started.add(index)
+                logprobs = completion_logprobs(self.tokenizer, logprobs, offsets[index])
+                offsets[index] += len(text)
+                choice = completion_choice(index, text, event.token_ids, event.finish_reason, logprobs)
+                yield f"data: {json.dumps(completion_body(cid, model, [choice]))}\n\n"
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"
         if include_usage:
-            body = {**completion_body(cid, model, "", [], None), "choices": [], "usage": usage(len(ids), generated)}
-            yield f"data: {json.dumps(body)}\n\n"
+            yield f"data: {json.dumps(completion_body(cid, model, [], usage(len(ids), generated)))}\n\n"
         yield "data: [DONE]\n\n"
 
 

@@ -10,7 +10,7 @@ from cluster.serving.openai_api import StreamOptions, refuse_unimplemented, usag
 from cluster.serving.requests import check_text
 
 # Fields this server does not implement, with the value that asks for nothing: any other value is refused by name.
-NOT_IMPLEMENTED = {"n": 1, "tools": None, "tool_choice": None,
+NOT_IMPLEMENTED = {"tools": None, "tool_choice": None,
                    "response_format": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
 
 
@@ -101,21 +101,21 @@ def chat_logprobs(tokenizer, logprobs: list | None) -> dict | None:
                         for lp in logprobs]}
 
 
-def chat_body(cid: str, model: str, created: int, text: str, token_ids: list[int], finish: str | None,
-              prompt_tokens: int, logprobs: dict | None = None) -> dict:
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                     "finish_reason": finish, "token_ids": token_ids}],
-        "usage": usage(prompt_tokens, len(token_ids)),
-    }
+def chat_body(cid: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage}
 
 
-def chunk_body(cid: str, model: str, created: int, delta: dict, finish: str | None, token_ids: list[int],
-               logprobs: dict | None = None) -> dict:
+def chat_choice(index: int, text: str, token_ids: list[int], finish: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish, "token_ids": token_ids}
+
+
+def chunk_body(cid: str, model: str, created: int, index: int, delta: dict, finish: str | None,
+               token_ids: list[int], logprobs: dict | None = None) -> dict:
     return {
         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
                      "token_ids": token_ids}],
     }
 

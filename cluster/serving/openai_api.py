@@ -5,10 +5,11 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from cluster.engine.sequence import Event, TokenLogprob
+
 # OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
 # by name, never silently ignored.
-NOT_IMPLEMENTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0,
-                   "frequency_penalty": 0, "logit_bias": None}
+NOT_IMPLEMENTED = {"best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
 
 
 def refuse_unimplemented(request: BaseModel, neutral: dict) -> None:
@@ -59,28 +60,34 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def completion_body(cid: str, model: str, text: str, token_ids: list[int], finish: str | None,
-                    prompt_tokens: int | None = None, logprobs: dict | None = None) -> dict:
-    body = {
-        "id": cid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": logprobs, "finish_reason": finish}],
-    }
-    if prompt_tokens is not None:
-        body["usage"] = usage(prompt_tokens, len(token_ids))
-    return body
+def completion_body(cid: str, model: str, choices: list[dict], usage: dict | None = None) -> dict:
+    body = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
+    return body if usage is None else {**body, "usage": usage}
+
+
+def completion_choice(index: int, text: str, token_ids: list[int], finish: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "token_ids": token_ids, "logprobs": logprobs, "finish_reason": finish}
+
+
+def echoed(event: Event, echo: str | None, with_logprobs: bool) -> tuple[str, list[TokenLogprob] | None]:
+    """A choice's text and token logprobs from `event`, led by the prompt's when `echo` (the prompt's text) is set
+    and `event` is the choice's first."""
+    logprobs = (event.logprobs or []) if with_logprobs else None
+    if echo is None:
+        return event.text, logprobs
+    return echo + event.text, None if logprobs is None else (event.prompt_logprobs or []) + logprobs
 
 
 def completion_logprobs(tokenizer, logprobs: list | None, text_offset: int = 0) -> dict | None:
-    """The completions API's logprobs of `logprobs` (TokenLogprob), whose text starts at `text_offset`."""
+    """The completions API's logprobs of `logprobs` (TokenLogprob), whose text starts at `text_offset`; a prompt's
+    first token has no logprob and no alternatives (null)."""
     if logprobs is None:
         return None
     tokens = [tokenizer.decode([lp.token_id]) for lp in logprobs]
     offsets = [text_offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top} for lp in logprobs], "text_offset": offsets}
+    top = [None if lp.logprob is None else {tokenizer.decode([t]): v for t, v in lp.top} for lp in logprobs]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -39,4 +39,37 @@ def merged(events: list[Event]) -> Event:
         return events[0]
     logprobs = None if events[0].logprobs is None else [lp for e in events for lp in e.logprobs or []]
     return Event(token_ids=[t for e in events for t in e.token_ids], text="".join(e.text for e in events),
-                 finish_reason=events[-1].finish_reason, logprobs=logprobs)
+                 finish_reason=events[-1].finish_reason, logprobs=logprobs, prompt_logprobs=events[0].prompt_logprobs)
+
+
+_END = object()
+
+
+async def interleave(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """(index of its stream, event) for every event of `streams`, as each comes; the first error is raised, and
+    closing this stops every stream (their requests leave the batch)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[Event]) -> None:
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await queue.put((index, event))
+            await queue.put((index, _END))
+        except Exception as error:  # noqa: BLE001 -- handed over: the reader raises it
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is _END:
+                left -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -46,12 +46,12 @@ def serve_endpoints(ray_cluster):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from cluster.serving.app import GRPC_SERVICER
+    from cluster.serving.grpc_api import SERVICERS
 
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICERS),
     )
     yield f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     serve.shutdown()

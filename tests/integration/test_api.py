@@ -155,7 +155,7 @@ def test_a_model_not_served_is_404_model_not_found(client):
         client.models.retrieve("gpt-4o")
 
 
-@pytest.mark.parametrize("field", [{"n": 2}, {"best_of": 3}, {"echo": True}, {"logprobs": 21}, {"suffix": "!"},
+@pytest.mark.parametrize("field", [{"n": 0}, {"best_of": 3}, {"logprobs": 21}, {"suffix": "!"},
                                    {"presence_penalty": 0.5}, {"tools": []}, {"max_token": 3}])
 def test_a_field_not_implemented_is_refused_by_name(client, field):
     import openai
@@ -191,7 +191,7 @@ def test_completions_stream_usage_when_asked(client):
     assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
 
 
-@pytest.mark.parametrize("field", [{"n": 2}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]},
+@pytest.mark.parametrize("field", [{"n": 17}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]},
                                    {"response_format": {"type": "json_object"}}, {"functions": []}])
 def test_a_chat_field_not_implemented_is_refused_by_name(client, field):
     import openai
@@ -291,3 +291,149 @@ def test_logprobs_of_completions_and_chat_plain_and_streamed(client):
     streamed = [c.logprob for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
                 for c in chunk.choices[0].logprobs.content]
     assert streamed == pytest.approx([c.logprob for c in content])
+
+
+def test_n_choices_are_independent_and_each_reproducible_with_a_seed(client):
+    sampled = dict(model=APP, prompt="Hello, world", max_tokens=8, temperature=1.0, seed=11)
+    both = client.completions.create(n=2, **sampled)
+    assert [c.index for c in both.choices] == [0, 1] and both.usage.completion_tokens == 16
+    for index, choice in enumerate(both.choices):
+        alone = client.completions.create(**{**sampled, "seed": 11 + index})
+        assert choice.text == alone.choices[0].text
+    streamed = {0: "", 1: ""}
+    for chunk in client.completions.create(n=2, stream=True, **sampled):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == {c.index: c.text for c in both.choices}
+
+    chat = dict(model=APP, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=1.0, seed=3)
+    replies = client.chat.completions.create(n=3, **chat)
+    assert [c.index for c in replies.choices] == [0, 1, 2]
+    alone = client.chat.completions.create(**{**chat, "seed": 5})
+    assert replies.choices[2].message.content == alone.choices[0].message.content
+    chunks = list(client.chat.completions.create(n=3, stream=True, **chat))
+    for index in range(3):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+        assert text == replies.choices[index].message.content
+
+
+def test_echo_returns_the_prompt_with_transformers_logprobs(client, checkpoints, tokenizer):
+    import torch
+
+    prompt = "Pack my box with five dozen"
+    scored = client.completions.create(model=APP, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        want = torch.log_softmax(transformers_model(checkpoints["mixtral"])(torch.tensor([ids])).logits[0], -1)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([float(want[i, t]) for i, t in enumerate(ids[1:])],
+                                                               abs=1e-4)
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in ids] and choice.logprobs.text_offset[0] == 0
+
+    plain = client.completions.create(model=APP, prompt=prompt, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model=APP, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=0)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    assert len(echoed.choices[0].logprobs.tokens) == len(ids) + 4
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=APP, prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True))
+    assert streamed == echoed.choices[0].text
+
+
+def test_grpc_generate_returns_logprobs_and_n_choices(inference_stub, client):
+    responses = generate(inference_stub, APP, prompt="Hello, world", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = [lp for r in responses for lp in r.logprobs]
+    want = client.completions.create(model=APP, prompt="Hello, world", max_tokens=5, temperature=0, logprobs=2)
+    assert [lp.logprob for lp in logprobs] == pytest.approx(want.choices[0].logprobs.token_logprobs, abs=1e-5)
+    assert all(len(lp.top_token_ids) == 2 == len(lp.top_logprobs) for lp in logprobs)
+
+    choices = generate(inference_stub, APP, prompt="Hello", max_tokens=4, temperature=1.0, seed=5, n=2)
+    by_index = {i: [t for r in choices if r.index == i for t in r.token_ids] for i in (0, 1)}
+    assert by_index[1] == tokens(generate(inference_stub, APP, prompt="Hello", max_tokens=4, temperature=1.0, seed=6))
+    assert sum(1 for r in choices if r.finish_reason) == 2
+
+
+def test_grpc_health_and_reflection_v1_and_v1alpha_on_the_ingress(serve_endpoints, app):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(serve_endpoints[1]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        metadata = [("application", APP)]
+        for service in ("", "moecluster.v1.Inference"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30, metadata=metadata)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        for version in ("v1", "v1alpha"):
+            call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            [reply] = list(call(iter([request]), timeout=30))
+            names = {s.name for s in reply.list_services_response.service}
+            assert {"moecluster.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+
+
+@pytest.mark.parametrize("data", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe"])  # corrupt; a prompt that is no UTF-8
+def test_bytes_that_are_no_generate_request_are_invalid_argument(serve_endpoints, app, data):
+    with grpc.insecure_channel(serve_endpoints[1]) as channel:
+        call = channel.unary_stream("/moecluster.v1.Inference/Generate", request_serializer=lambda raw: raw)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(data, timeout=30, metadata=[("application", APP)]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in info.value.details()
+
+
+def test_limits_name_themselves_and_serving_goes_on(checkpoints, serve_endpoints, inference_stub):
+    from protos import inference_pb2, inference_pb2_grpc
+
+    name = "limited"
+    deploy(name, checkpoints["mixtral"], num_workers=1, limits=dict(
+        max_body_bytes=4096, max_prompt_tokens=8, max_tokens=64, max_n=2, streams_per_connection=2))
+    base, metadata = f"{serve_endpoints[0]}/{name}", [("application", name)]
+    try:
+        for body, limit in [({"prompt": "x" * 5000}, "limits.max_body_bytes"),
+                            ({"prompt": [5] * 9}, "limits.max_prompt_tokens"),
+                            ({"prompt": "Hi", "max_tokens": 65}, "limits.max_tokens"),
+                            ({"prompt": "Hi", "n": 3}, "limits.max_n")]:
+            reply = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 400 and limit in reply.json()["error"]["message"]
+        chunked = httpx.post(f"{base}/v1/completions", content=iter([b'{"prompt": "', b"x" * 5000, b'"}']),
+                             headers={"content-type": "application/json"}, timeout=60)
+        assert chunked.status_code == 400
+
+        long = inference_pb2.GenerateRequest(prompt="Hi", max_tokens=64, ignore_eos=True, temperature=0)
+        held = [inference_stub.Generate(long, timeout=120, metadata=metadata) for _ in range(2)]
+        for call in held:
+            next(call)  # both streams are open on this connection
+        with pytest.raises(grpc.RpcError) as info:
+            generate(inference_stub, name, prompt="Hi", max_tokens=2)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.streams_per_connection" in info.value.details()
+        for call in held:
+            call.cancel()
+        with grpc.insecure_channel(serve_endpoints[1]) as other:  # another connection was never limited
+            assert tokens(generate(inference_pb2_grpc.InferenceStub(other), name, prompt="Hi", max_tokens=2))
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
+    finally:
+        serve.delete(name)
+
+
+def test_a_refused_request_logs_one_line_in_the_replica_and_the_proxy(app, inference_stub):
+    from pathlib import Path
+
+    marker = 987_654_321  # a max_tokens no other test sends: the refusal quotes it
+    with pytest.raises(grpc.RpcError):
+        generate(inference_stub, APP, prompt="Hi", max_tokens=marker)
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "serve"
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline and len({name for name, _ in lines}) < 2:  # Serve's logs flush late
+        time.sleep(0.5)
+        lines = [(log.name, text.splitlines()[i + 1:i + 2]) for log in logs.glob("*.log")
+                 for text in [log.read_text(errors="replace")] for i, line in enumerate(text.splitlines())
+                 if f"got {marker}" in line]
+    assert {name.split("_")[0] for name, _ in lines} == {"proxy", "replica"}
+    assert all(not after or not after[0].startswith("Traceback") for _, after in lines)

@@ -49,3 +49,30 @@ def test_engine_logprobs_are_transformers_log_softmax_for_greedy_decoding(checkp
         want = torch.log_softmax(logits[0].float(), -1)
         assert lp.token_id == token and lp.logprob == pytest.approx(float(want[token]), abs=1e-4)
         assert [t for t, _ in lp.top] == want.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_logprobs_are_transformers_log_softmax_beside_a_longer_prompt(checkpoints, arch):
+    from transformers import AutoTokenizer
+
+    from cluster.engine.engine import Engine
+    from cluster.engine.sequence import SamplingParams, Sequence, TokenLogprob
+
+    full = transformers_model(checkpoints[arch])
+    dense = load_dense_model(checkpoints[arch], "float32")
+    attach(dense, checkpoints[arch], 2, LocalExperts)
+    engine = Engine(dense, AutoTokenizer.from_pretrained(checkpoints[arch]), dense.config.max_position_embeddings,
+                    background=False)
+    prompt, longer, events = [5, 17, 42, 99], [7] * 9, []
+    engine.submit(Sequence(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2), events.append))
+    engine.submit(Sequence(longer, SamplingParams(max_tokens=3), lambda event: None))  # pads `prompt` on the left
+    while not events:
+        engine.step()
+    [event] = events
+    assert event.finish_reason == "length" and event.token_ids == [] and event.prompt_logprobs[0] == TokenLogprob(5, None)
+    with torch.no_grad():
+        want = torch.log_softmax(full(torch.tensor([prompt])).logits[0].float(), -1)  # [L, V]
+    for position, lp in enumerate(event.prompt_logprobs[1:]):
+        assert lp.token_id == prompt[position + 1]
+        assert lp.logprob == pytest.approx(float(want[position, lp.token_id]), abs=1e-4)
+        assert [t for t, _ in lp.top] == want[position].topk(2).indices.tolist()

@@ -1,8 +1,9 @@
 import pytest
 
+from cluster.config import LimitsConfig
 from cluster.demo_model import build_tokenizer
 from cluster.errors import InvalidRequest
-from cluster.serving.requests import parse_generation
+from cluster.serving.requests import choice_params, parse_generation
 
 TOKENIZER = build_tokenizer()
 
@@ -26,6 +27,9 @@ def parse(**fields):
         (dict(top_p=0.0), "top_p must be in"),
         (dict(prompt="x\ud800y"), "prompt is not valid Unicode text: a lone surrogate at position 1"),
         (dict(stop=["ok", "\udfff"]), "stop is not valid Unicode"),
+        (dict(prompt_ids=[5] * 9, limits=LimitsConfig(max_prompt_tokens=8)), "limits.max_prompt_tokens is 8"),
+        (dict(max_tokens=9, limits=LimitsConfig(max_tokens=8)), r"max_tokens must be in \[1, 8\] \(limits.max_tokens\)"),
+        (dict(max_tokens=-1, echo=True), r"max_tokens must be in \[0, 64\]"),
     ],
 )
 def test_bad_input_is_named(fields, message):
@@ -36,3 +40,18 @@ def test_bad_input_is_named(fields, message):
 def test_defaults_and_token_ids_win_over_text():
     ids, params = parse(prompt="ignored", prompt_ids=[3, 4])
     assert ids == [3, 4] and params.max_tokens == 16 and params.temperature == 1.0 and params.top_p == 1.0
+
+
+def test_echo_scores_the_prompt_and_may_generate_nothing():
+    _, params = parse(max_tokens=0, echo=True, logprobs=2)
+    assert params.max_tokens == 0 and params.prompt_logprobs == 2 == params.logprobs
+    assert parse(logprobs=2)[1].prompt_logprobs is None
+
+
+def test_choices_are_independent_draws_each_reproducible_with_a_seed():
+    _, seeded = parse(seed=7)
+    assert [p.seed for p in choice_params(seeded, 3, max_n=4)] == [7, 8, 9]
+    _, unseeded = parse()
+    assert choice_params(unseeded, 2, max_n=4) == [unseeded, unseeded]
+    with pytest.raises(InvalidRequest, match=r"n must be in \[1, 4\] \(limits.max_n\), got 5"):
+        choice_params(unseeded, 5, max_n=4)

@@ -4,7 +4,7 @@ import pytest
 
 from cluster.engine.sequence import Event
 from cluster.errors import Overloaded
-from cluster.serving.stream import every, ready
+from cluster.serving.stream import every, interleave, ready
 
 
 def _tokens(n: int, finish: str = "length"):
@@ -91,3 +91,35 @@ def test_ready_raises_a_failed_steps_error_over_the_tokens_before_it():
 
     with pytest.raises(Overloaded, match="full"):
         asyncio.run(run())
+
+
+def test_interleave_tags_each_event_with_its_stream_and_ends_when_all_have():
+    out = _collect(interleave([_tokens(3), _tokens(1), _tokens(2)]))
+    assert sorted((i, e.token_ids[0]) for i, e in out) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1)]
+    for index in range(3):  # each stream's own order is kept
+        assert [e.token_ids[0] for i, e in out if i == index] == sorted(e.token_ids[0] for i, e in out if i == index)
+
+
+def test_interleave_raises_a_streams_error_and_closes_the_others():
+    closed = []
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.001)
+                yield Event(token_ids=[1], text="x")
+        finally:
+            closed.append(True)
+
+    async def failing():
+        await asyncio.sleep(0.01)
+        raise Overloaded("full")
+        yield  # an async generator
+
+    async def run():
+        async for _ in interleave([endless(), failing()]):
+            pass
+
+    with pytest.raises(Overloaded, match="full"):
+        asyncio.run(run())
+    assert closed == [True]
