@@ -9,7 +9,7 @@ import yaml
 from cluster.cli import load_config
 from cluster.config import ServeConfig
 from cluster.node_env import ACTOR_ENV, NODE_ENV
-from cluster.serving.app import GRPC_SERVICER
+from cluster.serving.grpc_api import SERVICERS
 
 VALUE_SETS = ["default", "ci"]
 
@@ -47,10 +47,10 @@ def test_lint_strict(lint, value_set):
 def test_renders_the_expected_objects(objects, value_set, chart):
     kinds = sorted(o["kind"] for o in objects)
     if value_set[0] == "default":
-        assert kinds == ["RayService", "Service", "Service"]
+        assert kinds == ["NetworkPolicy", "RayService", "Service", "Service"]
     else:  # a created PVC, the two metrics Services and the ServiceMonitor on top
-        assert kinds == ["PersistentVolumeClaim", "RayService", "Service", "Service", "Service", "Service",
-                         "ServiceMonitor"]
+        assert kinds == ["NetworkPolicy", "PersistentVolumeClaim", "RayService", "Service", "Service", "Service",
+                         "Service", "ServiceMonitor"]
     for obj in objects:
         assert obj["metadata"]["name"].startswith(f"{chart.RELEASE}-moecluster")
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == chart.RELEASE
@@ -92,7 +92,7 @@ def test_the_kuberay_check_catches_a_bad_rayservice(default_objects, validate_ra
 def test_serve_config_v2(objects, chart):
     config = chart.serve_config_v2(chart.only(objects, "RayService"))
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]}
+    assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": SERVICERS}
     (app,) = config["applications"]
     assert (app["name"], app["route_prefix"], app["import_path"]) == ("moecluster", "/", "cluster.serving.app:build")
     # the args are a valid ServeConfig, whose model is where the storage is mounted

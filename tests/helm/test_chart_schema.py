@@ -112,6 +112,15 @@ BAD = {
     "unknown storage type": (
         {"sets": ["modelStorage.type=s3"]},
         ["at '/modelStorage/type'", "value must be one of 'demo', 'pvc', 'hostPath', 'download'"]),
+    "ray token Secret name that is not a DNS name": (
+        {"sets": ["rayAuth.tokenSecret.name=Ray_Token"]},
+        ["at '/rayAuth/tokenSecret/name'", "does not match pattern"]),
+    "scratch size that is not a quantity": (
+        {"sets": ["scratch.tmp.sizeLimit=lots"]},
+        ["at '/scratch/tmp/sizeLimit'"]),
+    "unknown key in networkPolicy": (
+        {"sets": ["networkPolicy.allowAll=true"]},
+        ["at '/networkPolicy'", "additional properties 'allowAll' not allowed"]),
     "download without a repository": (
         {"sets": ["modelStorage.type=download"]},
         ["at '/modelStorage/download/repoId'", "does not match pattern"]),

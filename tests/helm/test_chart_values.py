@@ -54,6 +54,10 @@ def model_volume(objs):
     return next(v for v in worker_pod(objs)["volumes"] if v["name"] == "model")
 
 
+def volume(objs, name):
+    return next(v for v in worker_pod(objs)["volumes"] if v["name"] == name)
+
+
 def model_mount(objs):
     return next(m for m in worker_container(objs)["volumeMounts"] if m["name"] == "model")
 
@@ -113,8 +117,12 @@ CASES = [
          {"name": "RAY_DEDUP_LOGS", "value": "0"}, set_strings=["env[0].value=0"]),
     Case("podSecurityContext", ["podSecurityContext.fsGroup=2000"], lambda o: worker_pod(o)["securityContext"]["fsGroup"],
          2000),
-    Case("securityContext", ["securityContext.readOnlyRootFilesystem=true"],
-         lambda o: head_container(o)["securityContext"]["readOnlyRootFilesystem"], True),
+    Case("securityContext", ["securityContext.readOnlyRootFilesystem=false"],
+         lambda o: head_container(o)["securityContext"]["readOnlyRootFilesystem"], False),
+    Case("scratch.tmp.sizeLimit", ["scratch.tmp.sizeLimit=20Gi"], lambda o: volume(o, "tmp"),
+         {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}),
+    Case("scratch.cache.sizeLimit", ["scratch.cache.sizeLimit=5Gi"], lambda o: volume(o, "cache"),
+         {"name": "cache", "emptyDir": {"sizeLimit": "5Gi"}}),
     # serve: ServeConfig fields, into the application's args
     Case("serve.model_name", ["serve.model_name=qwen3"], lambda o: args(o)["model_name"], "qwen3"),
     Case("serve.dtype", ["serve.dtype=bfloat16"], lambda o: args(o)["dtype"], "bfloat16"),
@@ -228,8 +236,11 @@ CASES = [
     # autoscaling, TLS
     Case("autoscaling.enabled", ["autoscaling.enabled=true"], lambda o: cluster(o)["enableInTreeAutoscaling"], True),
     Case("autoscaling.options", ["autoscaling.enabled=true", "autoscaling.options.idleTimeoutSeconds=120"],
-         lambda o: cluster(o)["autoscalerOptions"], {"idleTimeoutSeconds": 120}),
+         lambda o: cluster(o)["autoscalerOptions"]["idleTimeoutSeconds"], 120),
     Case("tls.enabled", ["tls.enabled=true"], lambda o: cluster(o)["tlsOptions"], {"enabled": True}),
+    Case("rayAuth.enabled", ["rayAuth.enabled=false"], lambda o: "authOptions" in cluster(o), False),
+    Case("rayAuth.tokenSecret.name", ["rayAuth.tokenSecret.name=ray-token"], lambda o: cluster(o)["authOptions"],
+         {"mode": "token", "secretName": "ray-token"}),
     Case("auth.apiKeySecret", ["auth.apiKeySecret=moe-keys"],
          lambda o: env_of(head_container(o), "MOECLUSTER_API_KEY")["valueFrom"]["secretKeyRef"]["name"], "moe-keys"),
     Case("auth.apiKeySecretKey", ["auth.apiKeySecret=moe-keys", "auth.apiKeySecretKey=k"],
@@ -257,6 +268,14 @@ CASES = [
     Case("service.grpc.port", ["service.grpc.port=443"], lambda o: service("-grpc")(o)["spec"]["ports"][0]["port"], 443),
     Case("service.grpc.annotations", ["service.grpc.annotations.owner=ml"],
          lambda o: service("-grpc")(o)["metadata"]["annotations"], {"owner": "ml"}),
+    # NetworkPolicy
+    Case("networkPolicy.enabled", ["networkPolicy.enabled=false"], lambda o: kind(o, "NetworkPolicy"), None),
+    Case("networkPolicy.kuberayOperator", ["networkPolicy.kuberayOperator=null"],
+         lambda o: [r["ports"] for r in kind(o, "NetworkPolicy")["spec"]["ingress"] if "from" in r and "ports" in r],
+         []),
+    Case("networkPolicy.extraIngress", [], lambda o: kind(o, "NetworkPolicy")["spec"]["ingress"][-1],
+         {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 8265}]},
+         set_jsons=['networkPolicy.extraIngress=[{"from":[{"ipBlock":{"cidr":"10.0.0.0/8"}}],"ports":[{"port":8265}]}]']),
     # monitoring
     Case("serviceMonitor.enabled", ["serviceMonitor.enabled=true"],
          lambda o: kind(o, "ServiceMonitor")["metadata"]["name"], f"{RELEASE}-moecluster"),

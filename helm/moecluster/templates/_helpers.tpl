@@ -57,7 +57,9 @@ http_options:
 grpc_options:
   port: 9000
   grpc_servicer_functions:
-    - protos.inference_pb2_grpc.add_InferenceServicer_to_server
+    - cluster.serving.grpc_api.add_inference_servicer
+    - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
+    - cluster.serving.grpc_api.add_reflection_v1
 applications:
   - name: moecluster
     route_prefix: /
@@ -103,6 +105,8 @@ initContainers:
       {{- toYaml .Values.securityContext | nindent 6 }}
     {{- if eq $storage.type "demo" }}
     command: ["moecluster", "init-model", {{ $storage.mountPath | quote }}, "--arch", {{ $storage.demo.arch | quote }}, "--seed", {{ $storage.demo.seed | quote }}]
+    env:
+      {{- include "moecluster.cacheEnv" (dict "root" . "env" list) | nindent 6 }}
     {{- else }}
     command:
       - python
@@ -115,8 +119,7 @@ initContainers:
       - {{ $storage.download.revision | quote }}
       - {{ $storage.mountPath | quote }}
     env:
-      - name: HF_HOME
-        value: /tmp/huggingface
+      {{- include "moecluster.cacheEnv" (dict "root" . "env" $storage.download.env) | nindent 6 }}
       {{- with $storage.download.env }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -128,7 +131,80 @@ initContainers:
     volumeMounts:
       - name: model
         mountPath: {{ $storage.mountPath }}
+      {{- include "moecluster.scratchMounts" . | nindent 6 }}
 {{- end }}
+{{- end }}
+
+{{/*
+Writable scratch space. The root filesystem of every container is read-only (securityContext), so Ray and Python
+write to two emptyDirs: /tmp (Ray's session directory /tmp/ray, Python's temporary files) and the `ray` user's
+cache directory, where the cache variables of moecluster, Hugging Face and Triton point.
+*/}}
+{{- define "moecluster.cacheDir" -}}
+/home/ray/.cache
+{{- end }}
+
+{{/* An emptyDir source with an optional size limit (the parameter). */}}
+{{- define "moecluster.emptyDir" -}}
+{{- if . }}{sizeLimit: {{ . }}}{{ else }}{}{{ end }}
+{{- end }}
+
+{{- define "moecluster.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {{ include "moecluster.emptyDir" .Values.scratch.tmp.sizeLimit }}
+- name: cache
+  emptyDir: {{ include "moecluster.emptyDir" .Values.scratch.cache.sizeLimit }}
+{{- end }}
+
+{{- define "moecluster.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: {{ include "moecluster.cacheDir" . }}
+{{- end }}
+
+{{/* The cache variables, into the cache emptyDir; a dict: root, env (the container's other env, which wins). */}}
+{{- define "moecluster.cacheEnv" -}}
+{{- $taken := list }}
+{{- range .env }}
+{{- $taken = append $taken .name }}
+{{- end }}
+{{- $cache := include "moecluster.cacheDir" .root }}
+{{- $vars := list }}
+{{- range $name, $sub := dict "XDG_CACHE_HOME" "" "HF_HOME" "/huggingface" "MOECLUSTER_CACHE" "/moecluster" "TRITON_CACHE_DIR" "/triton" }}
+{{- if not (has $name $taken) }}
+{{- $vars = append $vars (dict "name" $name "value" (printf "%s%s" $cache $sub)) }}
+{{- end }}
+{{- end }}
+{{- with $vars }}{{ toYaml . }}{{ end }}
+{{- end }}
+
+{{/*
+Ray token authentication: KubeRay's authOptions. KubeRay adds RAY_AUTH_MODE and RAY_AUTH_TOKEN (secretKeyRef, key
+auth_token) to every Ray container, but keeps a container's own value of either: `env` must not set them.
+*/}}
+{{- define "moecluster.authOptions" -}}
+{{- if .Values.rayAuth.enabled }}
+{{- if semverCompare "<2.52.0-0" .Values.rayVersion }}
+{{- fail (printf "rayAuth.enabled needs Ray 2.52.0 or newer (token authentication); rayVersion is %s" .Values.rayVersion) }}
+{{- end }}
+{{- range concat (.Values.env | default list) (.Values.autoscaling.options.env | default list) }}
+{{- if has .name (list "RAY_AUTH_MODE" "RAY_AUTH_TOKEN" "RAY_AUTH_TOKEN_PATH") }}
+{{- fail (printf "env sets %s, which rayAuth (KubeRay's authOptions) sets: use rayAuth.tokenSecret.name, or rayAuth.enabled=false" .name) }}
+{{- end }}
+{{- end }}
+authOptions:
+  mode: token
+  {{- with .Values.rayAuth.tokenSecret.name }}
+  secretName: {{ . | quote }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* KubeRay's autoscalerOptions: the sidecar gets the containers' securityContext and /tmp; the values override. */}}
+{{- define "moecluster.autoscalerOptions" -}}
+{{- $defaults := dict "securityContext" (deepCopy .Values.securityContext) "volumeMounts" (list (dict "name" "tmp" "mountPath" "/tmp")) }}
+{{- toYaml (mergeOverwrite $defaults (deepCopy .Values.autoscaling.options)) }}
 {{- end }}
 
 {{/*
@@ -196,6 +272,7 @@ spec:
               name: {{ . | quote }}
               key: {{ $root.Values.auth.apiKeySecretKey | quote }}
         {{- end }}
+        {{- include "moecluster.cacheEnv" (dict "root" $root "env" $root.Values.env) | nindent 8 }}
         {{- with $root.Values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -208,9 +285,11 @@ spec:
           {{- if and (eq $storage.type "pvc") $storage.pvc.subPath }}
           subPath: {{ $storage.pvc.subPath }}
           {{- end }}
+        {{- include "moecluster.scratchMounts" $root | nindent 8 }}
   volumes:
     - name: model
       {{- include "moecluster.modelVolume" $root | trim | nindent 6 }}
+    {{- include "moecluster.scratchVolumes" $root | nindent 4 }}
   {{- with $group.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
