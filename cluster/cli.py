@@ -134,13 +134,18 @@ def _serve(args) -> int:
     from ray.serve.config import gRPCOptions
 
     from cluster.node_env import apply_node_env
+    from cluster.serving.auth import ApiKeys, KeysFileError
     from cluster.serving.grpc_api import SERVICERS
 
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
                              rebalance_enabled=args.rebalance, routing_policy=args.routing)
+        ApiKeys.load(config.api_keys_file)
     except ValidationError as error:
         print(f"invalid serving config:\n{error}", file=sys.stderr)
+        return 2
+    except KeysFileError as error:
+        print(error, file=sys.stderr)
         return 2
     taken = port_in_use({"--http-port": args.http_port, "--grpc-port": args.grpc_port})
     if taken:

@@ -10,13 +10,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from experts.access import RequireKey
 from experts.bank import ExpertBank, ExpertNotHosted
 from experts.threads import use_process_threads
 from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
-from protos.wire.grpc_options import MESSAGE_SIZE
+from protos.wire.grpc_options import message_size
 from protos.wire.tensor import from_proto, to_proto
-from protos.wire.unix_stream import CallFailed
+from protos.wire.unix_stream import DEFAULT_LIMITS, CallFailed, FrameLimits
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 
@@ -69,19 +70,21 @@ def _check_groups(request, shape) -> None:
 
 
 class ExpertServer:
-    """A bank served at `address` (gRPC) and at its Unix socket; `host` is the address routers are given."""
+    """A bank served at `address` (gRPC, to callers that send `key`) and at its Unix socket (to processes of this
+    user); `host` is the address routers are given."""
 
-    def __init__(self, bank: ExpertBank, host: str = "localhost", port: int = 0, threads: int = 8):
+    def __init__(self, bank: ExpertBank, key: str, host: str = "localhost", port: int = 0, threads: int = 8,
+                 limits: FrameLimits = DEFAULT_LIMITS):
         self.servicer = ExpertServicer(bank)
         pool = futures.ThreadPoolExecutor(max_workers=threads, initializer=use_process_threads)
-        self.grpc = grpc.server(pool, options=MESSAGE_SIZE)
+        self.grpc = grpc.server(pool, options=message_size(limits), interceptors=[RequireKey(key)])
         expert_pb2_grpc.add_ExpertServicer_to_server(self.servicer, self.grpc)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.address = f"{host}:{self.grpc.add_insecure_port(f'{host}:{port}')}"  # the node's address only
         self.grpc.start()
-        self.unix = UnixServer(self.servicer.forward, self.address)
+        self.unix = UnixServer(self.servicer.forward, self.address, limits)
         health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 

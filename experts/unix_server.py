@@ -16,10 +16,10 @@ from protos.wire.tensor import header, raw_bytes
 
 
 class UnixServer:
-    def __init__(self, forward, address: str):
+    def __init__(self, forward, address: str, limits: unix_stream.FrameLimits = unix_stream.DEFAULT_LIMITS):
         """`forward(request, tensor bytes) -> (output, compute s)` raises `unix_stream.CallFailed` for a failed
         call."""
-        self.forward, self.name = forward, unix_stream.socket_name(address)
+        self.forward, self.name, self.limits = forward, unix_stream.socket_name(address), limits
         self._unlink()  # a socket file left by a worker that died on this address
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.name)
@@ -51,7 +51,7 @@ class UnixServer:
     def _answer(self, conn: socket.socket) -> None:
         while True:
             try:
-                _, message, data = unix_stream.receive(conn)
+                _, message, data = unix_stream.receive(conn, self.limits)
             except unix_stream.FrameTooLarge as error:  # say why, then hang up: the stream is out of step
                 unix_stream.send(conn, str(error).encode(), code=grpc.StatusCode.RESOURCE_EXHAUSTED)
                 return

@@ -10,17 +10,18 @@ from experts.bank import ExpertBank
 from experts.keys import expert_key
 from experts.service import ExpertServer
 from experts.threads import usable_cores
+from protos.wire.unix_stream import DEFAULT_LIMITS, FrameLimits
 
 
 class ExpertWorker:
-    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, threads: int | None = None,
-                 sharing: int = 1):
-        """`threads` unset: the cores this worker may use divided among the `sharing` workers that compute at once
-        on its node."""
+    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, key: str,
+                 threads: int | None = None, sharing: int = 1, limits: FrameLimits = DEFAULT_LIMITS):
+        """`key`: its application's data-path key, which callers must send. `threads` unset: the cores this worker
+        may use divided among the `sharing` workers that compute at once on its node."""
         torch.set_num_threads(threads or max(1, usable_cores() // sharing))
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
-        self.server = ExpertServer(self.bank, host=ray.util.get_node_ip_address())
+        self.server = ExpertServer(self.bank, key, host=ray.util.get_node_ip_address(), limits=limits)
         self.servicer, self._address = self.server.servicer, self.server.address
 
     def load(self, pairs: list[tuple[int, int]]) -> None:

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from protos import expert_pb2, expert_pb2_grpc
 from protos.wire import unix_stream
-from protos.wire.grpc_options import MESSAGE_SIZE
+from protos.wire.grpc_options import KEY_METADATA, message_size
 from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 from router.hedge import Hedge
@@ -56,9 +56,12 @@ class LayerReplies:
 
 
 class ExpertClient:
-    def __init__(self, timeout_s: float, unix_sockets: bool = True):
-        """`unix_sockets`: call workers on this host over their Unix socket; False sends every call over gRPC."""
-        self.timeout_s, self.unix_sockets = timeout_s, unix_sockets
+    def __init__(self, timeout_s: float, key: str, unix_sockets: bool = True,
+                 limits: unix_stream.FrameLimits = unix_stream.DEFAULT_LIMITS):
+        """`key`: the application's data-path key, sent on every gRPC call. `unix_sockets`: call workers on this
+        host over their Unix socket; False sends every call over gRPC."""
+        self.timeout_s, self.unix_sockets, self.limits = timeout_s, unix_sockets, limits
+        self._metadata = ((KEY_METADATA, key),)
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
         self._sockets = threading.local()  # address -> this thread's connected Unix socket
@@ -190,7 +193,7 @@ class ExpertClient:
             except OSError:
                 self._drop(address)
         request = expert_pb2.ExpertForwardRequest(layer=layer, experts=experts, counts=counts, hidden=to_proto(rows))
-        return self._stub(address).Forward.future(request, timeout=timeout_s)
+        return self._stub(address).Forward.future(request, timeout=timeout_s, metadata=self._metadata)
 
     def _result(self, layer: int, worker: int, address: str, experts: list[int], call, deadline: float,
                 shape: tuple[int, int]):
@@ -215,13 +218,12 @@ class ExpertClient:
             raise fail(grpc.StatusCode.DATA_LOSS, f"malformed reply: shape {tuple(out.shape)}, expected {shape}")
         return out, compute_s
 
-    @staticmethod
-    def _reply(call, deadline: float) -> tuple[torch.Tensor, float]:
+    def _reply(self, call, deadline: float) -> tuple[torch.Tensor, float]:
         if not isinstance(call, socket.socket):
             reply = call.result()
             return from_proto(reply.hidden), reply.compute_s
         call.settimeout(max(deadline - time.monotonic(), 1e-3))
-        code, message, data = unix_stream.receive(call)
+        code, message, data = unix_stream.receive(call, self.limits)
         if code != grpc.StatusCode.OK:
             raise unix_stream.CallFailed(code, bytes(message).decode())
         reply = expert_pb2.ExpertForwardResponse.FromString(bytes(message))
@@ -251,7 +253,7 @@ class ExpertClient:
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         if address not in self._stubs:
-            self._channels[address] = grpc.insecure_channel(address, options=MESSAGE_SIZE)
+            self._channels[address] = grpc.insecure_channel(address, options=message_size(self.limits))
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
         return self._stubs[address]
 

@@ -2,6 +2,7 @@
 outlives every actor (and, with GCS fault tolerance, the head node too)."""
 
 import json
+import secrets
 
 from ray.experimental import internal_kv
 
@@ -9,8 +10,8 @@ NAMESPACE = "moecluster"
 Plan = list[list[tuple[int, int]]]
 
 
-def _key(app: str) -> bytes:
-    return f"{app}:plan".encode()
+def _key(app: str, record: str = "plan") -> bytes:
+    return f"{app}:{record}".encode()
 
 
 def save(app: str, version: int, plan: Plan, counts: dict[tuple[int, int], int]) -> None:
@@ -29,4 +30,13 @@ def load(app: str) -> tuple[int, Plan, dict[tuple[int, int], int]] | None:
 
 
 def delete(app: str) -> None:
-    internal_kv._internal_kv_del(_key(app), namespace=NAMESPACE)
+    for record in ("plan", "data-path-key"):
+        internal_kv._internal_kv_del(_key(app, record), namespace=NAMESPACE)
+
+
+def data_path_key(app: str) -> str:
+    """`app`'s data-path key, which its expert workers ask of every caller: made on first use, then the same for
+    every controller and serving replica of the application."""
+    key = _key(app, "data-path-key")
+    internal_kv._internal_kv_put(key, secrets.token_urlsafe(32).encode(), overwrite=False, namespace=NAMESPACE)
+    return internal_kv._internal_kv_get(key, namespace=NAMESPACE).decode()

@@ -14,9 +14,11 @@ from ray.util.placement_group import get_placement_group, placement_group, place
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ServeConfig
+from cluster.control import plan_store
 from cluster.control.placement import packs_layers
 from cluster.node_env import ACTOR_ENV
 from experts.worker import ExpertWorker
+from protos.wire.unix_stream import FrameLimits
 
 log = logging.getLogger(__name__)
 NAMESPACE = "moecluster"
@@ -39,6 +41,7 @@ class WorkerSlots:
     def __init__(self, config: ServeConfig, model_dir: str, app: str, adopt: bool = False):
         """`adopt`: take over the application's existing placement group, if it has one, instead of a new one."""
         self.config, self.model_dir, self.app = config, model_dir, app
+        self.key = plan_store.data_path_key(app)
         self.bundle = _bundle(config)
         self.size = config.num_workers
         self.group = (adopt and _existing_group(group_name(app))) or _place(
@@ -101,7 +104,8 @@ class WorkerSlots:
                 runtime_env={"env_vars": ACTOR_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
             )
-            .remote(self.model_dir, pairs, dtype, self.config.worker_threads, self._computing_at_once(slot))
+            .remote(self.model_dir, pairs, dtype, self.key, self.config.worker_threads, self._computing_at_once(slot),
+                    FrameLimits.of(self.config.limits))
         )
 
     def _computing_at_once(self, slot: int) -> int:

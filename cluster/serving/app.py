@@ -19,6 +19,7 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from cluster.config import HedgeConfig, RoutingConfig, ServeConfig
+from cluster.control import plan_store
 from cluster.control.controller import RouterReport, start_controller
 from cluster.demo_model import default_model_dir
 from cluster.engine.engine import Engine
@@ -46,6 +47,7 @@ from cluster.serving.openai_api import (
 from cluster.serving.requests import choice_params, parse_generation
 from experts.threads import usable_cores
 from protos import inference_pb2
+from protos.wire.unix_stream import FrameLimits
 from router.client import ExpertClient
 from router.hedge import HedgePolicy
 from router.model import load_dense_model
@@ -104,9 +106,11 @@ class MoEServer:
             log.warning("no API key is set (%s or api_keys_file): anyone who reaches the APIs can use them", AUTH_ENV)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_dense_model(model_dir, self.config.dtype)
-        self.controller = start_controller(self.config, model_dir, serve.get_replica_context().app_name)
-        self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()),
-                                   ExpertClient(self.config.expert_timeout_s),
+        app = serve.get_replica_context().app_name
+        self.controller = start_controller(self.config, model_dir, app)
+        client = ExpertClient(self.config.expert_timeout_s, plan_store.data_path_key(app),
+                              limits=FrameLimits.of(self.config.limits))
+        self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()), client,
                                    probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
                                    hedging=hedge_policy(self.config.hedge))
         route_experts(self.model, self.router)

@@ -13,16 +13,28 @@ from cluster.errors import Unauthenticated
 ENV = "MOECLUSTER_API_KEY"
 
 
+class KeysFileError(ValueError):
+    pass
+
+
 class ApiKeys:
     def __init__(self, keys: list[str]):
         self._keys = [key.encode() for key in keys]
 
     @classmethod
     def load(cls, keys_file: str | None) -> "ApiKeys":
+        """Raises KeysFileError for a keys file that cannot be read or holds no key (the APIs would be open)."""
         keys = [os.environ[ENV]] if os.environ.get(ENV) else []
         if keys_file:
-            lines = Path(keys_file).read_text().splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            try:
+                lines = Path(keys_file).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                reason = error.strerror if isinstance(error, OSError) else "it is not text"
+                raise KeysFileError(f"api_keys_file {keys_file!r} cannot be read: {reason}") from None
+            in_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not in_file:
+                raise KeysFileError(f"api_keys_file {keys_file!r} holds no key: the APIs would be open to anyone")
+            keys += in_file
         return cls(keys)
 
     @property

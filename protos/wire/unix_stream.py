@@ -11,15 +11,30 @@ import socket
 import struct
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 _HEADER = struct.Struct("<IQB")  # message bytes, tensor bytes, status code
-# Buffers are allocated as a header announces them, so a peer must not announce more than a call can carry.
-MAX_MESSAGE_BYTES = 64 << 20  # a call's protobuf message: its expert ids and counts
-MAX_TENSOR_BYTES = 16 << 30  # a call's rows, e.g. 16k tokens x top-8 x hidden 7,168 in bfloat16 is 1.9 GB
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Buffers are allocated as a header announces them, so a peer must not announce more than a call can carry
+    (the serving config's limits.frame_message_bytes and frame_tensor_bytes)."""
+
+    message_bytes: int = 64 << 20  # a call's protobuf message: its expert ids and counts
+    tensor_bytes: int = 16 << 30  # a call's rows to one worker
+
+    @classmethod
+    def of(cls, limits) -> "FrameLimits":
+        """From a LimitsConfig."""
+        return cls(limits.frame_message_bytes, limits.frame_tensor_bytes)
+
+
+DEFAULT_LIMITS = FrameLimits()
 
 
 class FrameTooLarge(ConnectionError):
@@ -50,12 +65,13 @@ def send(sock: socket.socket, message: bytes, tensor_bytes: memoryview | bytes =
         sock.sendall(tensor_bytes)
 
 
-def receive(sock: socket.socket) -> tuple[grpc.StatusCode, bytearray, bytearray]:
+def receive(sock: socket.socket, limits: FrameLimits = DEFAULT_LIMITS) -> tuple[grpc.StatusCode, bytearray, bytearray]:
     """(status code, message, tensor bytes)."""
     size, tensor_size, code = _HEADER.unpack(_exactly(sock, _HEADER.size))
-    if size > MAX_MESSAGE_BYTES or tensor_size > MAX_TENSOR_BYTES:
+    if size > limits.message_bytes or tensor_size > limits.tensor_bytes:
         raise FrameTooLarge(f"a frame announced a {size}-byte message and {tensor_size} tensor bytes; the limits "
-                            f"are {MAX_MESSAGE_BYTES} and {MAX_TENSOR_BYTES}")
+                            f"are {limits.message_bytes} and {limits.tensor_bytes} (limits.frame_message_bytes, "
+                            "limits.frame_tensor_bytes)")
     return _CODES.get(code, grpc.StatusCode.UNKNOWN), _exactly(sock, size), _exactly(sock, tensor_size)
 
 

@@ -437,3 +437,50 @@ def test_a_refused_request_logs_one_line_in_the_replica_and_the_proxy(app, infer
                  if f"got {marker}" in line]
     assert {name.split("_")[0] for name, _ in lines} == {"proxy", "replica"}
     assert all(not after or not after[0].startswith("Traceback") for _, after in lines)
+
+
+def test_hostile_input_on_the_live_server_is_served_or_refused_and_changes_no_token(app, inference_stub,
+                                                                                  serve_endpoints):
+    import os
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from protos import inference_pb2
+    from tests.unit.test_fuzz import chat_bodies, completion_bodies
+
+    live = settings(max_examples=int(os.environ.get("MOECLUSTER_FUZZ_EXAMPLES", "30")), deadline=None,
+                    suppress_health_check=list(HealthCheck), database=None)
+    before = tokens(generate(inference_stub, APP, prompt="still the same", max_tokens=6, temperature=0))
+    answered = {"http": set(), "grpc": set()}
+
+    @live
+    @given(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), completion_bodies | chat_bodies)
+    def http(route, body):
+        reply = httpx.post(f"{app}{route}", json=body, timeout=120)
+        assert reply.status_code in (200, 400, 404), (body, reply.text)
+        answered["http"].add(reply.status_code)
+
+    raw = st.binary(max_size=128) | st.builds(
+        lambda prompt, ids, max_tokens, n, logprobs: inference_pb2.GenerateRequest(
+            prompt=prompt, prompt_token_ids=ids, max_tokens=max_tokens, n=n, logprobs=logprobs).SerializeToString(),
+        st.text(max_size=20), st.lists(st.integers(-2**31, 2**31 - 1), max_size=4), st.integers(-2**31, 8),
+        st.integers(-2**31, 3), st.integers(-2**31, 30))
+    channel = grpc.insecure_channel(serve_endpoints[1])
+    stream = channel.unary_stream("/moecluster.v1.Inference/Generate", request_serializer=lambda data: data)
+
+    @live
+    @given(raw)
+    def grpc_bytes(data):
+        try:
+            list(stream(data, timeout=120, metadata=[("application", APP)]))
+            answered["grpc"].add(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), data
+            answered["grpc"].add(error.code())
+
+    with channel:
+        http()
+        grpc_bytes()
+    assert 400 in answered["http"] and grpc.StatusCode.INVALID_ARGUMENT in answered["grpc"]
+    assert tokens(generate(inference_stub, APP, prompt="still the same", max_tokens=6, temperature=0)) == before

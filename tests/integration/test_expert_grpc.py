@@ -9,18 +9,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from experts import service
 from experts.families import ARCHS
 from experts.layout import experts_modules
+from protos.wire.grpc_options import KEY_METADATA
+from protos.wire.unix_stream import DEFAULT_LIMITS, FrameLimits
 from router.client import ExpertCallError, ExpertClient
 from router.model import load_dense_model
 from tests.reference import MXFP4, attach, transformers_model
 
 TRANSPORTS = {"grpc": False, "unix": True}
+KEY = "the-applications-data-path-key"
+WITH_KEY = [(KEY_METADATA, KEY)]
 
 
 class GrpcWorkers:
-    def __init__(self, banks, unix_sockets: bool = False):
-        self.servers = [service.ExpertServer(bank) for bank in banks]
+    def __init__(self, banks, unix_sockets: bool = False, limits: FrameLimits = DEFAULT_LIMITS):
+        self.servers = [service.ExpertServer(bank, KEY, limits=limits) for bank in banks]
         self.addresses = dict(enumerate(server.address for server in self.servers))
-        self.client = ExpertClient(timeout_s=30, unix_sockets=unix_sockets)
+        self.client = ExpertClient(timeout_s=30, key=KEY, unix_sockets=unix_sockets)
 
     def outstanding(self):
         return self.client.outstanding()
@@ -54,6 +58,35 @@ def test_moe_blocks_match_transformers_within_1e_5(checkpoints, arch, transport)
         workers[0].stop()
 
 
+def test_a_caller_without_the_applications_key_gets_nothing_from_a_worker(checkpoints):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from experts.bank import ExpertBank
+    from protos import expert_pb2, expert_pb2_grpc
+    from protos.wire.tensor import to_proto
+
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])])
+    channel = grpc.insecure_channel(workers.addresses[0])
+    forward = expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[1], hidden=to_proto(torch.zeros(1, 64)))
+    calls = {
+        "forward": lambda metadata: expert_pb2_grpc.ExpertStub(channel).Forward(forward, timeout=10, metadata=metadata),
+        "health": lambda metadata: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                             timeout=10, metadata=metadata),
+        "reflection": lambda metadata: list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10, metadata=metadata)),
+    }
+    try:
+        for name, call in calls.items():
+            for metadata in ([], [(KEY_METADATA, "a-guess")], [(KEY_METADATA, KEY[:-1])]):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            assert call(WITH_KEY), name
+    finally:
+        channel.close()
+        workers.stop()
+
+
 def test_malformed_forward_is_invalid_argument(checkpoints):
     from experts.bank import ExpertBank
     from protos import expert_pb2, expert_pb2_grpc
@@ -70,10 +103,11 @@ def test_malformed_forward_is_invalid_argument(checkpoints):
         ]
         for request in bad:
             with pytest.raises(grpc.RpcError) as info:
-                stub.Forward(request, timeout=10)
+                stub.Forward(request, timeout=10, metadata=WITH_KEY)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         ok = stub.Forward(expert_pb2.ExpertForwardRequest(layer=0, experts=[0], counts=[2],
-                                                          hidden=to_proto(torch.zeros(2, 64))), timeout=10)
+                                                          hidden=to_proto(torch.zeros(2, 64))), timeout=10,
+                          metadata=WITH_KEY)
         assert list(ok.hidden.shape) == [2, 64]  # the worker goes on serving
     finally:
         workers.stop()
@@ -91,7 +125,8 @@ def test_worker_error_fails_the_call_with_its_status(checkpoints, transport):
             workers.forward(0, dispatch, torch.zeros(1, 64), workers.addresses).result()
         assert info.value.status == grpc.StatusCode.NOT_FOUND
         channel = grpc.insecure_channel(workers.addresses[0])
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME))
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service.SERVICE_NAME),
+                                                          metadata=WITH_KEY)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         workers.stop()
@@ -164,7 +199,7 @@ def test_unix_socket_rejects_malformed_frames_and_keeps_serving(checkpoints):
         workers.stop()
 
 
-def test_unix_socket_refuses_a_frame_over_the_limits_and_keeps_serving(checkpoints):
+def test_unix_socket_refuses_a_frame_over_its_configured_limits_and_keeps_serving(checkpoints):
     import socket
     import struct
 
@@ -172,12 +207,13 @@ def test_unix_socket_refuses_a_frame_over_the_limits_and_keeps_serving(checkpoin
     from protos.wire import unix_stream
     from router.dispatch import plan_dispatch
 
-    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True)
+    limits = FrameLimits(message_bytes=1 << 16, tensor_bytes=1 << 20)
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True, limits=limits)
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(unix_stream.socket_name(workers.addresses[0]))
     sock.settimeout(10)
     try:
-        sock.sendall(struct.pack("<IQB", 10, unix_stream.MAX_TENSOR_BYTES + 1, 0))  # and never the bytes
+        sock.sendall(struct.pack("<IQB", 10, limits.tensor_bytes + 1, 0))  # and never the bytes
         code, details, _ = unix_stream.receive(sock)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and b"limits" in details
         assert sock.recv(1) == b""  # hung up: nothing after that header can be trusted
@@ -199,7 +235,7 @@ def test_silent_unix_worker_misses_its_deadline():
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(unix_stream.socket_name(address))
     listener.listen()  # accepts, never answers
-    client = ExpertClient(timeout_s=0.3)
+    client = ExpertClient(timeout_s=0.3, key=KEY)
     try:
         dispatch = plan_dispatch(torch.tensor([[0]]), torch.tensor([[0]]), 8)
         with pytest.raises(ExpertCallError) as info:
@@ -268,5 +304,51 @@ def test_unix_socket_hangs_up_on_another_user_and_grpc_binds_the_given_host(chec
         out, _ = workers.forward(0, dispatch, torch.ones(1, 64), workers.addresses).result()  # its own user: served
         assert out.shape == (1, 64)
         assert workers.addresses[0].startswith("localhost:")
+    finally:
+        workers.stop()
+
+
+def test_any_unix_socket_frame_is_answered_or_hung_up_on_and_the_worker_serves_on(checkpoints):
+    import os
+    import socket
+    import struct
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from experts.bank import ExpertBank
+    from protos.wire import unix_stream
+    from router.dispatch import plan_dispatch
+
+    limits = FrameLimits(message_bytes=1 << 16, tensor_bytes=1 << 20)
+    workers = GrpcWorkers([ExpertBank(checkpoints["mixtral"], [(0, 0)])], unix_sockets=True, limits=limits)
+    dispatch = plan_dispatch(torch.tensor([[0]] * 2), torch.zeros(2, 1, dtype=torch.long), 8)
+    rows = torch.randn(2, 64)
+    before, _ = workers.forward(0, dispatch, rows, workers.addresses).result()
+    frames = st.builds(lambda size, tensor, code, body: struct.pack("<IQB", size, tensor, code) + body,
+                       st.integers(0, 2**32 - 1) | st.integers(0, 64), st.integers(0, 2**64 - 1) | st.integers(0, 64),
+                       st.integers(0, 255), st.binary(max_size=96))
+
+    @settings(max_examples=int(os.environ.get("MOECLUSTER_FUZZ_EXAMPLES", "100")), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(frames, min_size=1, max_size=3))
+    def hostile(sent):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(unix_stream.socket_name(workers.addresses[0]))
+            sock.settimeout(0.5)
+            sock.sendall(b"".join(sent))
+            sock.shutdown(socket.SHUT_WR)  # a frame that announced more bytes than were sent ends here
+            try:
+                while True:
+                    code, _, _ = unix_stream.receive(sock)
+                    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK)
+            except (ConnectionError, TimeoutError):  # the worker hung up, or had nothing more to say
+                pass
+
+    try:
+        hostile()
+        after, _ = workers.forward(0, dispatch, rows, workers.addresses).result()
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
     finally:
         workers.stop()

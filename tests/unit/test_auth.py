@@ -28,3 +28,14 @@ def test_keys_from_the_environment_and_a_file_for_rotation(monkeypatch, tmp_path
     with pytest.raises(Unauthenticated, match="not valid"):
         keys.check("Bearer # rotated 2026-12")
     assert client_metadata() == [("authorization", "Bearer env-key")]
+
+
+def test_a_keys_file_that_cannot_serve_is_refused_by_name(tmp_path):
+    from cluster.serving.auth import KeysFileError
+
+    comments = tmp_path / "keys"
+    comments.write_text("# nothing yet\n\n")
+    with pytest.raises(KeysFileError, match="holds no key: the APIs would be open"):
+        ApiKeys.load(str(comments))
+    with pytest.raises(KeysFileError, match=r"api_keys_file '.*missing' cannot be read: No such file"):
+        ApiKeys.load(str(tmp_path / "missing"))

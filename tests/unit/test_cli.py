@@ -81,3 +81,10 @@ def test_the_heatmap_shades_each_expert_by_its_tokens():
     assert "darkest = 100 tokens" in lines[0]
     assert lines[3].startswith("    0  " + SHADES[-1] + "  " + SHADES[1])
     assert lines[4].startswith("    1   " + SHADES[5] + "  ") and "max/mean 4.00" in lines[4]
+
+
+def test_serve_refuses_a_missing_keys_file_before_loading_anything(tmp_path, capsys):
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"api_keys_file: {tmp_path / 'absent'}\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "cannot be read: No such file or directory" in capsys.readouterr().err
