@@ -1,5 +1,9 @@
-"""`moecluster bench`: one workload played, in one run, through moecluster over gRPC, through moecluster's
-engine with the experts in-process, and through transformers' `generate`; plus MoE-layer micro-benchmarks.
+"""`moecluster bench`: one workload (long-tailed lengths by default) played, in one run, through moecluster
+over gRPC at each worker count, through moecluster's engine with the experts in-process, and through
+transformers (`generate` on static batches, and its continuous batching); the equal-length workload through
+the engine and `generate`; plus MoE-layer micro-benchmarks against the floor of a hop.
+
+Throughputs in output tokens/s, latencies in ms unless a key says `_us` (microseconds).
 """
 
 import json
@@ -9,44 +13,28 @@ import socket
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import torch
 
+from cluster.tools.floor import echo_floor_us
+from cluster.tools.workload import Lengths, Request, Workload, describe
 from experts.threads import usable_cores
 
 # A served worker computes a layer once per decode step (by_layer), a step after its last call; a call after such
 # a pause starts with cold caches (docs/performance.md), so the micro-benchmarks time one that way too.
 PAUSE_S = 0.03
-SMOKE = dict(streams=2, prompt_tokens=8, output_tokens=4, requests_per_stream=1, workers=2, micro_iters=3,
-             stream_interval=2)
-
-
-@dataclass(frozen=True)
-class Workload:
-    streams: int = 32
-    prompt_tokens: int = 32
-    output_tokens: int = 64
-    requests_per_stream: int = 1
-    arrival: str = "closed"  # closed: back to back; poisson: exponential think time, mean streams / rate
-    rate: float = 0.0
-    seed: int = 0
-
-    def prompts(self, vocab_size: int) -> list[list[int]]:
-        rng = random.Random(self.seed)
-        count = self.streams * self.requests_per_stream
-        return [[rng.randrange(3, vocab_size) for _ in range(self.prompt_tokens)] for _ in range(count)]
-
-    def think_s(self, rng: random.Random) -> float:
-        return rng.expovariate(self.rate / self.streams) if self.arrival == "poisson" and self.rate > 0 else 0.0
+SMOKE = dict(streams=2, requests_per_stream=1, prompt_tokens=8, output_tokens=4, prompt_lengths=Lengths(4, 8, 16),
+             output_lengths=Lengths(2, 4, 8), workers=[2], micro_iters=3, stream_interval=2)
 
 
 # --- load generation ---
 
 
-def closed_loop(workload: Workload, prompts: list[list[int]], request) -> dict:
-    """Each stream sends its requests one after another; `request(ids)` yields token counts as they come."""
+def closed_loop(workload: Workload, requests: list[Request], request) -> dict:
+    """Each stream sends its requests one after another, the r-th of stream i being requests[r * streams + i]
+    (the list is in arrival order); `request(r)` yields token counts as they come."""
     records, lock = [], threading.Lock()
 
     def stream(index: int) -> None:
@@ -54,7 +42,7 @@ def closed_loop(workload: Workload, prompts: list[list[int]], request) -> dict:
         for r in range(workload.requests_per_stream):
             time.sleep(workload.think_s(rng))
             sent, arrivals = time.perf_counter(), []
-            for n in request(prompts[index * workload.requests_per_stream + r]):
+            for n in request(requests[r * workload.streams + index]):
                 arrivals.append((time.perf_counter() - sent, n))
             with lock:
                 records.append(arrivals)
@@ -65,7 +53,7 @@ def closed_loop(workload: Workload, prompts: list[list[int]], request) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return summarize(records, time.perf_counter() - started)
+    return {**summarize(records, time.perf_counter() - started), "load_1m": os.getloadavg()[0]}
 
 
 def summarize(records: list[list[tuple[float, int]]], wall_s: float) -> dict:
@@ -85,10 +73,10 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": 1e3 * statistics.median(ordered), "p99": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
-# --- the three systems ---
+# --- the systems ---
 
 
-def grpc_requester(target: str, app: str, output_tokens: int):
+def grpc_requester(target: str, app: str):
     import grpc
 
     from cluster.serving.auth import client_metadata
@@ -96,67 +84,52 @@ def grpc_requester(target: str, app: str, output_tokens: int):
 
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(target))
 
-    def request(ids):
-        message = inference_pb2.GenerateRequest(prompt_token_ids=ids, max_tokens=output_tokens, temperature=0,
-                                                ignore_eos=True)
+    def request(r: Request):
+        message = inference_pb2.GenerateRequest(prompt_token_ids=r.prompt_ids, max_tokens=r.output_tokens,
+                                                temperature=0, ignore_eos=True)
         for reply in stub.Generate(message, timeout=600, metadata=[("application", app), *client_metadata()]):
             yield len(reply.token_ids)
 
     return request
 
 
-def engine_requester(engine, output_tokens: int):
+def engine_requester(engine):
     from cluster.engine.sequence import SamplingParams
 
-    def request(ids):
-        for event in engine.stream(ids, SamplingParams(output_tokens, ignore_eos=True)):
+    def request(r: Request):
+        for event in engine.stream(r.prompt_ids, SamplingParams(r.output_tokens, ignore_eos=True)):
             yield len(event.token_ids)
 
     return request
 
 
-def run_transformers(model_dir: str, workload: Workload, prompts: list[list[int]], threads: int,
-                     dtype: str = "float32") -> dict:
-    """transformers' generate on one static batch of all the prompts (left-padded), in this process."""
-    from transformers import AutoModelForCausalLM
-
-    from cluster.engine.kv_batch import left_padded
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    ids, mask = left_padded(prompts, pad_id=0)
-    width = ids.shape[1]
-    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False)  # warm-up
-    started = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=workload.output_tokens,
-                         min_new_tokens=workload.output_tokens, do_sample=False, pad_token_id=0)
-    wall = time.perf_counter() - started
-    tokens = (out.shape[1] - width) * len(prompts)
-    return {"requests": len(prompts), "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall}
-
-
-def run_inprocess(model_dir: str, workload: Workload, prompts: list[list[int]], threads: int, dtype: str) -> dict:
-    """moecluster's engine with every expert in this process: no Ray actors, no gRPC."""
+def inprocess_engine(model_dir: str, threads: int, dtype: str, max_batch_size: int):
+    """moecluster's engine with every expert in this process: no Ray actors, no gRPC; (engine, its router)."""
     from transformers import AutoTokenizer
 
     from cluster.engine.engine import Engine
     from router.local import attach_local_experts
     from router.model import load_dense_model
-    from router.timings import per_call_ms
 
     torch.set_num_threads(threads)
     model = load_dense_model(model_dir, dtype)
     router = attach_local_experts(model, model_dir, None if dtype == "auto" else getattr(torch, dtype))
-    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), model.config.max_position_embeddings)
-    request = engine_requester(engine, workload.output_tokens)
-    list(request(prompts[0][:4]))  # warm-up
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), model.config.max_position_embeddings,
+                    max_batch_size)
+    list(engine_requester(engine)(Request([5, 6, 7, 8], 2)))  # warm-up
+    return engine, router
+
+
+def run_inprocess(engine, router, workload: Workload, requests: list[Request]) -> dict:
+    from router.timings import per_call_ms
+
     router.timings.drain()
-    result = closed_loop(workload, prompts, request)
+    result = closed_loop(workload, requests, engine_requester(engine))
     result["moe_layer_ms"] = per_call_ms(router.timings.drain())
     return result
 
 
-def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, micro: dict | None):
+def run_distributed(model_dir: str, workload: Workload, requests: list[Request], config: dict, micro: dict | None):
     """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks."""
     import ray
     from ray import serve
@@ -164,7 +137,8 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
 
     from cluster.control import ops
     from cluster.node_env import apply_node_env
-    from cluster.serving.app import GRPC_SERVICER, build
+    from cluster.serving.app import build
+    from cluster.serving.grpc_api import SERVICERS
     from router.timings import PHASES, per_call_ms
 
     port = _free_port()
@@ -173,13 +147,13 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
              log_to_driver=False, namespace="moecluster")
     try:
         serve.start(http_options={"port": _free_port()},
-                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]))
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICERS))
         serve.run(build({"model": model_dir, **config}), name="bench", route_prefix="/bench")
-        request = grpc_requester(f"127.0.0.1:{port}", "bench", workload.output_tokens)
-        list(request(prompts[0][:4]))  # warm-up
+        request = grpc_requester(f"127.0.0.1:{port}", "bench")
+        list(request(Request([5, 6, 7, 8], 2)))  # warm-up
         time.sleep(0.5)
         before = ops.status("bench")["layer_timings"]
-        result = closed_loop(workload, prompts, request)
+        result = closed_loop(workload, requests, request)
         time.sleep(0.5)  # the routers' last check-in
         after = ops.status("bench")["layer_timings"]
         result["moe_layer_ms"] = per_call_ms({k: after.get(k, 0) - before.get(k, 0) for k in ("calls", *PHASES)})
@@ -197,10 +171,11 @@ def run_distributed(model_dir: str, workload: Workload, prompts, config: dict, m
 def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_counts=(32, 2048)) -> dict:
     """One MoE layer round trip (router -> workers -> router; over Unix sockets where the workers share this
     host, and over gRPC alone) against the same expert math in-process, back to back and, at the first token
-    count, each call after a decode step's pause; and the expert GEMM's GFLOP/s against a bare matmul of the
-    same shapes."""
+    count, each call after a decode step's pause, both against the floor of a hop with that call's bytes; and
+    the expert GEMM's GFLOP/s against a bare matmul of the same shapes."""
     import ray
 
+    from cluster.control import plan_store
     from cluster.control.controller import controller_name
     from cluster.control.workers import NAMESPACE
     from experts.bank import ExpertBank
@@ -213,11 +188,12 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     layer, experts = next(iter(moe_shape(model_dir).items()))
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     bank = ExpertBank(model_dir, [(layer, e) for e in range(experts)], torch_dtype)
-    routers = {"distributed": ExpertRouter(table, ExpertClient(timeout_s=60)),
-               "distributed_grpc_only": ExpertRouter(table, ExpertClient(timeout_s=60, unix_sockets=False)),
+    key = plan_store.data_path_key(app)
+    routers = {"distributed": ExpertRouter(table, ExpertClient(timeout_s=60, key=key)),
+               "distributed_grpc_only": ExpertRouter(table, ExpertClient(timeout_s=60, key=key, unix_sockets=False)),
                "in_process": ExpertRouter(_single_worker_table(table), LocalExperts([bank]))}
-    hidden_size = _hidden_size(bank, layer)
-    calls = {tokens: _layer_call(layer, experts, tokens, hidden_size, bank.dtype) for tokens in token_counts}
+    hidden_size, top_k = _hidden_size(bank, layer), _top_k(model_dir)
+    calls = {tokens: _layer_call(layer, experts, tokens, hidden_size, bank.dtype, top_k) for tokens in token_counts}
     out = {}
     for tokens, call in calls.items():
         times = {name: _time(partial(call, router), iters) for name, router in routers.items()}
@@ -226,15 +202,29 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     paused = {name: _time(partial(call, routers[name]), iters, pause_s=PAUSE_S) for name in ("distributed", "in_process")}
     out["moe_layer_after_pause_ms"] = {"tokens": token_counts[0], "pause_ms": 1e3 * PAUSE_S, **paused,
                                        "overhead_ms": paused["distributed"] - paused["in_process"]}
+    first = out[f"moe_layer_{token_counts[0]}_tokens_ms"]
+    trips_ms = {"back_to_back": (first["distributed"], first["in_process"]),
+                "after_pause": (paused["distributed"], paused["in_process"])}
+    out.update(hop_floor(trips_ms, token_counts[0] * top_k * hidden_size * bank.dtype.itemsize, iters))
     out["expert_gemm"] = [gemm_efficiency(bank, layer, t, iters) for t in (256, 1024)]
     return out
 
 
-def _layer_call(layer: int, experts: int, tokens: int, hidden_size: int, dtype: torch.dtype):
-    """router -> one MoE layer call on `tokens` random rows, each sent to 2 random experts."""
+def hop_floor(trips_ms: dict, payload_bytes: int, iters: int) -> dict:
+    """The socket echo of `payload_bytes` each way (a layer call's rows out, its expert outputs back), back to back
+    and after a pause; and by how many microseconds each (distributed, in-process) round trip of `trips_ms` lies
+    above it: the whole distributed trip (expert math included), and its overhead over in-process."""
+    floor = {"back_to_back": echo_floor_us(payload_bytes, iters), "after_pause": echo_floor_us(payload_bytes, iters, PAUSE_S)}
+    return {"hop_floor_us": {"payload_bytes": payload_bytes, **floor},
+            "hop_over_floor_us": {k: 1e3 * trips_ms[k][0] - floor[k] for k in floor},
+            "overhead_over_floor_us": {k: 1e3 * (trips_ms[k][0] - trips_ms[k][1]) - floor[k] for k in floor}}
+
+
+def _layer_call(layer: int, experts: int, tokens: int, hidden_size: int, dtype: torch.dtype, top_k: int):
+    """router -> one MoE layer call on `tokens` random rows, each sent to `top_k` random experts."""
     hidden = torch.randn(tokens, hidden_size, dtype=dtype)
-    index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-    weights = torch.full((tokens, 2), 0.5, dtype=dtype)
+    index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    weights = torch.full((tokens, top_k), 1 / top_k, dtype=dtype)
     return lambda router: router.forward(layer, hidden, index, weights)
 
 
@@ -263,6 +253,12 @@ def _hidden_size(bank, layer: int) -> int:
     return module.gate_up_proj.shape[1] if module.is_transposed else module.gate_up_proj.shape[2]
 
 
+def _top_k(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).num_experts_per_tok
+
+
 def _time(fn, iters: int, pause_s: float = 0.0) -> float:
     """Median milliseconds of `fn` over `iters` runs, after one warm-up, each run `pause_s` after the last."""
     fn()
@@ -284,41 +280,108 @@ def _free_port() -> int:
 # --- the whole run ---
 
 
-def bench(model_dir: str, workload: Workload, workers: int, dtype: str = "float32", micro_iters: int = 30,
-          baselines: bool = True, stream_interval: int = 1, placement: str = "auto") -> dict:
+def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "float32", micro_iters: int = 30,
+          baselines: bool = True, stream_interval: int = 1, placement: str = "auto",
+          equal: Workload | None = None) -> dict:
+    """`workload` served at each worker count (the micro-benchmarks at the largest) and through the peers;
+    `equal` (default: `workload` if it is equal-length) through the in-process engine and `generate`."""
     from transformers import AutoConfig
 
-    threads = usable_cores()
-    prompts = workload.prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
-    config = {"num_workers": workers, "dtype": dtype, "stream_interval": stream_interval, "placement": placement}
-    report = {"model": model_dir, "workload": asdict(workload), "threads": threads, **config}
-    report["moecluster"] = run_distributed(model_dir, workload, prompts, config, {"iters": micro_iters})
+    from cluster.config import ServeConfig
+
+    threads, max_batch_size = usable_cores(), ServeConfig.model_fields["max_batch_size"].default
+    vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
+    requests = workload.requests(vocab_size)
+    serving = {"dtype": dtype, "stream_interval": stream_interval, "placement": placement}
+    report = {"model": model_dir, "workload": {**asdict(workload), "lengths": describe(requests)}, "threads": threads,
+              "workers": workers, "max_batch_size": max_batch_size, **serving}
+    micro = {"iters": micro_iters}
+    report["moecluster"] = {str(n): run_distributed(model_dir, workload, requests, {"num_workers": n, **serving},
+                                                    micro if n == max(workers) else None) for n in workers}
+    report["micro"] = report["moecluster"][str(max(workers))].pop("micro")
     if baselines:
-        report["inprocess"] = run_inprocess(model_dir, workload, prompts, threads, dtype)
-        report["transformers"] = run_transformers(model_dir, workload, prompts, threads, dtype)
-        ours = report["moecluster"]["output_tokens_per_s"]
-        report["ratios"] = {
-            "vs_transformers": ours / report["transformers"]["output_tokens_per_s"],
-            "vs_inprocess": ours / report["inprocess"]["output_tokens_per_s"],
-        }
+        played = (workload, requests)
+        equal_played = played if equal is None or workload.kind == "equal" else (equal, equal.requests(vocab_size))
+        report.update(run_peers(model_dir, played, equal_played, threads, dtype, max_batch_size))
+        report["ratios"] = ratios(report)
     return report
 
 
+def run_peers(model_dir: str, played: tuple, equal_played: tuple, threads: int, dtype: str,
+              max_batch_size: int) -> dict:
+    """The in-process engine and transformers on `played` (workload, requests), and the engine and `generate`
+    on `equal_played` (the same runs if it is the same)."""
+    from cluster.tools import peers
+
+    plays = [played] if equal_played is played else [played, equal_played]
+    engine, router = inprocess_engine(model_dir, threads, dtype, max_batch_size)
+    try:
+        inprocess = [run_inprocess(engine, router, *p) for p in plays]
+    finally:
+        engine.close()
+    model = peers.load(model_dir, threads, dtype)
+    static = [peers.run_static(model, p[1], max_batch_size) for p in plays]
+    return {"inprocess": inprocess[0], "transformers": static[0],
+            "transformers_continuous": peers.run_continuous(model, played[1], max_batch_size),
+            "equal": {"workload": asdict(equal_played[0]), "inprocess": inprocess[-1], "transformers": static[-1]}}
+
+
+def ratios(report: dict) -> dict:
+    """Throughput ratios: served (at the largest worker count unless `_by_workers`) over each peer, and the
+    in-process engine over transformers `generate` on the equal-length workload."""
+    tps = {name: report[name]["output_tokens_per_s"] for name in ("inprocess", "transformers")}
+    served = {n: result["output_tokens_per_s"] for n, result in report["moecluster"].items()}
+    top = served[str(max(report["workers"]))]
+    equal = report["equal"]
+    out = {"vs_transformers": top / tps["transformers"], "vs_inprocess": top / tps["inprocess"],
+           "vs_transformers_by_workers": {n: s / tps["transformers"] for n, s in served.items()},
+           "vs_inprocess_by_workers": {n: s / tps["inprocess"] for n, s in served.items()},
+           "inprocess_vs_transformers": equal["inprocess"]["output_tokens_per_s"]
+           / equal["transformers"]["output_tokens_per_s"],
+           "inprocess_vs_transformers_realistic": tps["inprocess"] / tps["transformers"]}
+    continuous = report["transformers_continuous"]
+    if not continuous.get("skipped"):
+        out["vs_transformers_continuous"] = top / continuous["output_tokens_per_s"]
+        out["inprocess_vs_transformers_continuous"] = tps["inprocess"] / continuous["output_tokens_per_s"]
+    return out
+
+
 def print_summary(report: dict) -> None:
-    ours = report["moecluster"]
-    print(f"moecluster  {ours['output_tokens_per_s']:8.1f} tok/s  TTFT p50 {ours['ttft_ms']['p50']:.1f} ms "
-          f"p99 {ours['ttft_ms']['p99']:.1f} ms  TPOT p50 {ours['tpot_ms']['p50']:.1f} ms p99 {ours['tpot_ms']['p99']:.1f} ms")
-    print("MoE layer ms per call: " + _phases(ours))
-    for name in ("inprocess", "transformers"):
-        if name in report:
-            print(f"{name:<11} {report[name]['output_tokens_per_s']:8.1f} tok/s")
-    if "inprocess" in report:
-        print("in-process MoE layer ms per call: " + _phases(report["inprocess"]))
+    lengths = report["workload"]["lengths"]
+    print(f"{report['workload']['kind']} workload: {lengths['requests']} requests, prompt tokens p50/max "
+          f"{lengths['prompt_tokens']['p50']}/{lengths['prompt_tokens']['max']}, output tokens p50/max "
+          f"{lengths['output_tokens']['p50']}/{lengths['output_tokens']['max']}")
+    for workers, result in report["moecluster"].items():
+        print(f"moecluster, {workers} workers {_throughput(result)}  TTFT p50 {result['ttft_ms']['p50']:.1f} "
+              f"p99 {result['ttft_ms']['p99']:.1f} ms  TPOT p50 {result['tpot_ms']['p50']:.1f} "
+              f"p99 {result['tpot_ms']['p99']:.1f} ms")
+        print("  MoE layer ms per call: " + _phases(result))
     if "ratios" in report:
-        r = report["ratios"]
-        print(f"ratios: {r['vs_transformers']:.2f}x transformers generate, {r['vs_inprocess']:.2f}x in-process engine")
-    for key, value in ours.get("micro", {}).items():
+        _print_peers(report)
+    for key, value in report["micro"].items():
         print(f"{key}: {json.dumps(value)}")
+
+
+def _print_peers(report: dict) -> None:
+    print(f"in-process engine {_throughput(report['inprocess'])}  MoE layer ms per call: "
+          + _phases(report["inprocess"]))
+    print(f"transformers generate, static batches of {report['transformers']['batch_size']} "
+          f"{_throughput(report['transformers'])}")
+    continuous = report["transformers_continuous"]
+    print("transformers continuous batching " + (f"skipped: {continuous['error']}" if continuous.get("skipped")
+                                                 else _throughput(continuous)))
+    equal = report["equal"]
+    print(f"equal-length ({equal['workload']['streams']} streams): in-process {_throughput(equal['inprocess'])}, "
+          f"transformers generate {_throughput(equal['transformers'])}")
+    print("ratios: " + ", ".join(f"{k} {json.dumps(v)}" for k, v in _rounded(report["ratios"]).items()))
+
+
+def _throughput(result: dict) -> str:
+    return f"{result['output_tokens_per_s']:8.1f} tok/s"
+
+
+def _rounded(value):
+    return {k: _rounded(v) for k, v in value.items()} if isinstance(value, dict) else round(value, 2)
 
 
 def _phases(result: dict) -> str:

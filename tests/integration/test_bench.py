@@ -6,6 +6,8 @@ import subprocess
 import sys
 import tempfile
 
+PHASES = {"gating", "dispatch", "wait", "expert_compute", "combine"}
+
 
 def test_bench_smoke_emits_a_complete_report(tmp_path):
     out = tmp_path / "bench.json"
@@ -16,16 +18,47 @@ def test_bench_smoke_emits_a_complete_report(tmp_path):
                          timeout=900, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(out.read_text())
-    ours = report["moecluster"]
-    assert ours["output_tokens"] == report["workload"]["streams"] * report["workload"]["output_tokens"]
-    assert ours["ttft_ms"]["p50"] > 0 and ours["tpot_ms"]["p99"] > 0
-    assert set(ours["moe_layer_ms"]) == {"gating", "dispatch", "wait", "expert_compute", "combine"}
-    assert ours["moe_layer_ms"]["expert_compute"] > 0
-    assert set(report["inprocess"]["moe_layer_ms"]) == set(ours["moe_layer_ms"])
-    assert report["inprocess"]["moe_layer_ms"]["expert_compute"] > 0
-    assert {"moe_layer_32_tokens_ms", "moe_layer_2048_tokens_ms", "expert_gemm"} <= set(ours["micro"])
-    assert {"distributed", "distributed_grpc_only", "in_process"} <= set(ours["micro"]["moe_layer_32_tokens_ms"])
-    paused = ours["micro"]["moe_layer_after_pause_ms"]
+    assert report["workload"]["kind"] == "realistic" and report["stream_interval"] == 2
+    _check_served(report)
+    _check_micro(report["micro"])
+    _check_peers(report)
+    _check_ratios(report)
+
+
+def _check_served(report):
+    asked = report["workload"]["lengths"]["output_tokens"]["total"]
+    assert set(report["moecluster"]) == {str(n) for n in report["workers"]}
+    for ours in report["moecluster"].values():
+        assert ours["output_tokens"] == asked
+        assert ours["ttft_ms"]["p50"] > 0 and ours["tpot_ms"]["p99"] > 0
+        assert set(ours["moe_layer_ms"]) == PHASES and ours["moe_layer_ms"]["expert_compute"] > 0
+
+
+def _check_micro(micro):
+    assert {"moe_layer_32_tokens_ms", "moe_layer_2048_tokens_ms", "expert_gemm"} <= set(micro)
+    assert {"distributed", "distributed_grpc_only", "in_process"} <= set(micro["moe_layer_32_tokens_ms"])
+    paused = micro["moe_layer_after_pause_ms"]
     assert paused["tokens"] == 32 and paused["pause_ms"] > 0 and paused["distributed"] > 0 and paused["in_process"] > 0
-    assert report["stream_interval"] == 2
-    assert report["ratios"]["vs_transformers"] > 0 and report["ratios"]["vs_inprocess"] > 0
+    floor = micro["hop_floor_us"]
+    assert floor["payload_bytes"] == 32 * 2 * 256 * 4  # tokens x top-k rows of the default model's hidden 256, fp32
+    assert floor["back_to_back"] > 0 and floor["after_pause"] > 0
+    assert set(micro["hop_over_floor_us"]) == set(micro["overhead_over_floor_us"]) == {"back_to_back", "after_pause"}
+
+
+def _check_peers(report):
+    asked = report["workload"]["lengths"]["output_tokens"]["total"]
+    assert report["inprocess"]["output_tokens"] == report["transformers"]["output_tokens"] == asked
+    assert set(report["inprocess"]["moe_layer_ms"]) == PHASES and report["inprocess"]["moe_layer_ms"]["expert_compute"] > 0
+    assert report["transformers"]["batch_size"] == report["max_batch_size"]
+    continuous = report["transformers_continuous"]
+    assert continuous.get("output_tokens") == asked or (continuous["skipped"] and continuous["error"])
+    equal = report["equal"]
+    assert equal["workload"]["kind"] == "equal"
+    assert equal["inprocess"]["output_tokens"] == equal["workload"]["streams"] * equal["workload"]["output_tokens"]
+
+
+def _check_ratios(report):
+    ratios = report["ratios"]
+    assert ratios["vs_transformers"] > 0 and ratios["vs_inprocess"] > 0 and ratios["inprocess_vs_transformers"] > 0
+    assert set(ratios["vs_inprocess_by_workers"]) == set(report["moecluster"])
+    assert ("vs_transformers_continuous" in ratios) != bool(report["transformers_continuous"].get("skipped"))
