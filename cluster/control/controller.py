@@ -57,6 +57,7 @@ class RouterReport:
     timings: dict  # LayerTimings.drain()
     counters: dict[str, int]  # the health model's, since the last report
     ejected: list[int]  # workers it keeps out of its choices now
+    metrics: bytes | None = None  # its Prometheus metrics, in the text format, every few reports
 
 
 class ExpertController:
@@ -86,6 +87,7 @@ class ExpertController:
         self.layer_timings: dict = {}  # summed over every MoE layer call since start
         self.counters: Counter[str] = Counter()  # the health model's doings, the routers' summed with ours
         self.router_info: dict[str, dict] = {}  # router id -> where it runs, and the workers it keeps out now
+        self.router_metrics: dict[str, bytes] = {}  # router id -> its last Prometheus metrics
         self._lock = threading.RLock()  # plan changes: held for as long as one takes
         self._stats_lock = threading.Lock()  # what reports add to: never held for long
         self._started = time.monotonic()
@@ -107,6 +109,8 @@ class ExpertController:
             self.worker_rows.update(report.worker_rows)
             self.layer_timings = merge(self.layer_timings, report.timings)
             self.counters.update(report.counters)
+            if report.metrics is not None:
+                self.router_metrics[report.router] = report.metrics
         table = self.table
         return table if table.version != report.version else None
 
@@ -137,6 +141,12 @@ class ExpertController:
 
     def status(self) -> dict:
         return self._status()
+
+    def replica_metrics(self) -> dict[str, bytes]:
+        """The last metrics of every serving replica still reporting, by replica id."""
+        live = self._live_routers()
+        with self._stats_lock:
+            return {router: text for router, text in self.router_metrics.items() if router in live}
 
     def release(self, router: str) -> bool:
         """A serving replica is going away; the last one out frees the workers and their placement group."""

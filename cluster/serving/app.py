@@ -1,6 +1,7 @@
 """The Ray Serve application: the assembled model behind an OpenAI-compatible HTTP API and a gRPC API."""
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="moecluster")
 api.add_middleware(BodyLimit)
 REPORT_INTERVAL_S = 0.2
+METRICS_EVERY = 5  # reports: how often a replica's metrics go to the controller, for scrapes of another replica
 DEMO_MODEL_NAME = "moecluster-default"
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
@@ -144,7 +146,7 @@ class MoEServer:
 
     def _report_loop(self) -> None:
         reachable = True
-        while True:
+        for count in itertools.count():
             time.sleep(REPORT_INTERVAL_S)
             experts, workers = self.router.drain()
             counters = self.router.drain_counters()
@@ -153,7 +155,8 @@ class MoEServer:
             self.metrics.set_replicas(self.router.table.replicas)
             report = RouterReport(
                 self._router_id, self._node_id, os.getpid(), self.router.table.version, experts, workers,
-                self.router.timings.drain(), counters, sorted(self.router.health.ejected()))
+                self.router.timings.drain(), counters, sorted(self.router.health.ejected()),
+                self.metrics.render() if count % METRICS_EVERY == 0 else None)
             try:
                 table = ray.get(self.controller.report.remote(report), timeout=10)
             except ray.exceptions.RayError as error:  # a restarting controller: serve on with the last routing table
@@ -243,7 +246,14 @@ class MoEServer:
     def prometheus(self, authorization: str | None = Header(None)):
         if not self.config.metrics_open:
             self.keys.check(authorization)
-        return Response(self.metrics.render(), media_type=metrics.CONTENT_TYPE)
+        return Response(self._every_replicas_metrics(), media_type=metrics.CONTENT_TYPE)
+
+    def _every_replicas_metrics(self) -> bytes:
+        try:
+            others = ray.get(self.controller.replica_metrics.remote(), timeout=5)
+        except ray.exceptions.RayError:  # a restarting controller: this replica's own
+            others = {}
+        return metrics.merge_replicas({**others, self._router_id: self.metrics.render()})
 
     @api.get("/v1/models")
     def models(self, authorization: str | None = Header(None)):

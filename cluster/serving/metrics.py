@@ -4,6 +4,8 @@ under a `moecluster_` prefix; the expert metrics are what only a disaggregated M
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from experts.keys import parse_expert_key
 
@@ -85,6 +87,28 @@ class ServingMetrics:
         for event, n in counters.items():
             if n:
                 self.health.labels(event).inc(n)
+
+
+def merge_replicas(texts: dict[str, bytes]) -> bytes:
+    """Several serving replicas' metrics (text format, by replica id) as one text, each sample labelled with its
+    `replica`: a scrape through Serve's proxy reaches one replica, and must see them all."""
+    families: dict[str, Metric] = {}
+    for replica, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value, sample.timestamp)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Collected:
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 class RequestTimer:

@@ -140,6 +140,19 @@ def worker_pid(slot: int) -> int:
     return ops.status(APP)["workers"][slot]["pid"]
 
 
+def test_one_scrape_shows_both_serving_replicas(app, serve_endpoints, expected):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def replicas_seen() -> set[str]:
+        text = httpx.get(f"{serve_endpoints[0]}/{APP}/metrics", timeout=30).text
+        return {sample.labels["replica"] for family in text_string_to_metric_families(text)
+                if family.name == "moecluster_num_requests_running" for sample in family.samples}
+
+    wait_until(lambda: len(replicas_seen()) == 2, what="a scrape to show both replicas")
+    assert {router["router"] for router in ops.status(APP)["routers"]} == replicas_seen()
+
+
 def test_worker_sigkill(app, inference_stub, expected):
     pid = worker_pid(1)
     _, errors = check("worker SIGKILL", inference_stub, expected, lambda: os.kill(pid, signal.SIGKILL))

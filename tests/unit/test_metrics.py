@@ -1,0 +1,28 @@
+"""One scrape sees every serving replica: their metrics merged, each sample labelled with its replica."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.serving.metrics import ServingMetrics, merge_replicas
+
+
+def _replica(tokens: int, ttft_s: float) -> bytes:
+    metrics = ServingMetrics("m", 16, running=lambda: 1, waiting=lambda: 0)
+    metrics.generation_tokens.inc(tokens)
+    metrics.ttft.observe(ttft_s)
+    metrics.add_expert_tokens({"0:1": tokens}, {0: 2})
+    return metrics.render()
+
+
+def test_every_replicas_samples_are_kept_under_their_own_label():
+    merged = merge_replicas({"a": _replica(5, 0.01), "b": _replica(7, 2.0)})
+    families = {f.name: f for f in text_string_to_metric_families(merged.decode())}
+    tokens = {s.labels["replica"]: s.value for s in families["moecluster_generation_tokens"].samples
+              if s.name.endswith("_total")}
+    assert tokens == {"a": 5, "b": 7}
+    counts = {s.labels["replica"]: s.value for s in families["moecluster_time_to_first_token_seconds"].samples
+              if s.name.endswith("_count")}
+    assert counts == {"a": 1, "b": 1}
+    experts = [s for s in families["moecluster_expert_tokens"].samples if s.name.endswith("_total")]
+    assert {(s.labels["replica"], s.labels["layer"], s.labels["expert"], s.value) for s in experts} == {
+        ("a", "0", "1", 5), ("b", "0", "1", 7)}
+    assert merged.count(b"# TYPE moecluster_generation_tokens_total counter\n") == 1  # one family per name
