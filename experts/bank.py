@@ -12,6 +12,10 @@ from experts.checkpoint import Checkpoint, CheckpointError
 from experts.layout import experts_modules, load_config, meta_model, resolve_dtype
 from experts.vllm_kernel import fused_moe_or_none
 
+# A call whose groups are all this small and cover most hosted experts (a decode step's) runs as one batched GEMM
+# per projection; larger groups (prefill) run a GEMM each, which pads nothing.
+BATCHED_MAX_ROWS = 64
+
 
 class ExpertNotHosted(KeyError):
     pass
@@ -43,6 +47,8 @@ class _LayerExperts:
             ids = local.repeat_interleave(torch.tensor(counts))[:, None].to(hidden.device)  # [N, 1]
             ones = torch.ones(ids.shape, dtype=hidden.dtype, device=hidden.device)  # [N, 1]: the router weighs
             return self.fused_moe(hidden, self.module.gate_up_proj, self.module.down_proj, ones, ids)
+        if len(counts) > 1 and 2 * len(counts) >= len(self.experts) and max(counts) <= BATCHED_MAX_ROWS:
+            return self._batched(local, counts, hidden)
         m, spans = self.module, _spans(local.tolist(), counts)
         up_name = "gate_up_proj" if m.has_gate else "up_proj"
         up_proj = getattr(m, up_name)
@@ -54,6 +60,26 @@ class _LayerExperts:
         for i, rows in spans:
             _linear_into(h[rows], m.down_proj[i], m.is_transposed, _bias(m, "down_proj_bias", i), out[rows])
         return out
+
+
+    def _batched(self, local: torch.Tensor, counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        """The same math as one GEMM per group, as one batched GEMM per projection over every hosted expert, each
+        group's rows padded to the largest group: when a call touches most hosted experts (decode), fewer and
+        larger ops beat many GEMMs of a few rows. G = hosted experts, W = rows of the largest group."""
+        m, width = self.module, max(counts)
+        slots = torch.cat([torch.arange(n) + g * width for g, n in zip(local.tolist(), counts)])  # [N] into [G * W]
+        padded = hidden.new_zeros(len(self.experts) * width, hidden.shape[1])  # [G * W, D]
+        padded[slots] = hidden
+        up_name = "gate_up_proj" if m.has_gate else "up_proj"
+        up = _bmm(padded.view(len(self.experts), width, -1), getattr(m, up_name), m, f"{up_name}_bias")  # [G, W, 2I]
+        h = m._apply_gate(up) if m.has_gate else m.act_fn(up)  # [G, W, I]
+        return _bmm(h, m.down_proj, m, "down_proj_bias").flatten(0, 1)[slots]  # [N, D]
+
+
+def _bmm(x: torch.Tensor, weight: torch.Tensor, module: nn.Module, bias: str) -> torch.Tensor:
+    """[G, W, in] @ each expert's [in, out] (or its [out, in] transposed) -> [G, W, out], plus its bias."""
+    out = torch.bmm(x, weight if module.is_transposed else weight.transpose(1, 2))
+    return out + getattr(module, bias)[:, None] if module.has_bias else out
 
 
 def _spans(local: list[int], counts: list[int]) -> list[tuple[int, slice]]:
