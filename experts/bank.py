@@ -68,12 +68,11 @@ class _LayerExperts:
         larger ops beat many GEMMs of a few rows. G = hosted experts, W = rows of the largest group."""
         m, width = self.module, max(counts)
         slots = torch.cat([torch.arange(n) + g * width for g, n in zip(local.tolist(), counts)])  # [N] into [G * W]
-        padded = hidden.new_zeros(len(self.experts) * width, hidden.shape[1])  # [G * W, D]
-        padded[slots] = hidden
+        padded = hidden.new_zeros(len(self.experts) * width, hidden.shape[1]).index_copy_(0, slots, hidden)  # [G*W, D]
         up_name = "gate_up_proj" if m.has_gate else "up_proj"
         up = _bmm(padded.view(len(self.experts), width, -1), getattr(m, up_name), m, f"{up_name}_bias")  # [G, W, 2I]
         h = m._apply_gate(up) if m.has_gate else m.act_fn(up)  # [G, W, I]
-        return _bmm(h, m.down_proj, m, "down_proj_bias").flatten(0, 1)[slots]  # [N, D]
+        return _bmm(h, m.down_proj, m, "down_proj_bias").flatten(0, 1).index_select(0, slots)  # [N, D]
 
 
 def _bmm(x: torch.Tensor, weight: torch.Tensor, module: nn.Module, bias: str) -> torch.Tensor:

@@ -100,7 +100,7 @@ class ExpertRouter:
             compute_s += replies.compute_s
             self._count_workers(dispatch)
             if not replies.failed:  # the usual case: one scatter, no masks
-                out[sent_pairs] = replies.out
+                out.index_copy_(0, sent_pairs, replies.out)
                 break
             failed = torch.zeros(len(sent_pairs), dtype=torch.bool)
             for error, a, b in replies.failed:
