@@ -48,6 +48,11 @@ _END = object()
 async def interleave(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
     """(index of its stream, event) for every event of `streams`, as each comes; the first error is raised, and
     closing this stops every stream (their requests leave the batch)."""
+    if len(streams) == 1:  # the usual request: no task and queue between the engine's events and the reply
+        async with contextlib.aclosing(streams[0]) as only:
+            async for event in only:
+                yield 0, event
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, events: AsyncIterator[Event]) -> None:

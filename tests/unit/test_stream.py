@@ -123,3 +123,8 @@ def test_interleave_raises_a_streams_error_and_closes_the_others():
     with pytest.raises(Overloaded, match="full"):
         asyncio.run(run())
     assert closed == [True]
+
+
+def test_interleave_of_one_stream_passes_its_events_through():
+    out = _collect(interleave([_tokens(3)]))
+    assert [(i, e.token_ids) for i, e in out] == [(0, [0]), (0, [1]), (0, [2])]
