@@ -6,7 +6,9 @@ the engine and `generate`; plus MoE-layer micro-benchmarks against the floor of 
 Throughputs in output tokens/s, latencies in ms unless a key says `_us` (microseconds).
 """
 
+import contextlib
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -127,6 +129,40 @@ def run_inprocess(engine, router, workload: Workload, requests: list[Request]) -
     result = closed_loop(workload, requests, engine_requester(engine))
     result["moe_layer_ms"] = per_call_ms(router.timings.drain())
     return result
+
+
+def run_engine_alone(model_dir: str, plays: list[tuple], threads: int, dtype: str, max_batch_size: int) -> list[dict]:
+    """The in-process engine on each play, in a process of its own with the serving replica's environment
+    (ACTOR_ENV): OpenMP reads its wait policy once per process, and the engine is to run as it serves, while
+    transformers runs in this process as its users run it."""
+    from cluster.node_env import ACTOR_ENV
+
+    with _environment(ACTOR_ENV):
+        pool = multiprocessing.get_context("spawn").Pool(1)  # the child takes the environment as it starts
+    with pool:
+        return pool.apply(_engine_runs, (model_dir, plays, threads, dtype, max_batch_size))
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _engine_runs(model_dir: str, plays: list[tuple], threads: int, dtype: str, max_batch_size: int) -> list[dict]:
+    engine, router = inprocess_engine(model_dir, threads, dtype, max_batch_size)
+    try:
+        return [run_inprocess(engine, router, *play) for play in plays]
+    finally:
+        engine.close()
 
 
 def run_distributed(model_dir: str, workload: Workload, requests: list[Request], config: dict, micro: dict | None):
@@ -314,11 +350,7 @@ def run_peers(model_dir: str, played: tuple, equal_played: tuple, threads: int, 
     from cluster.tools import peers
 
     plays = [played] if equal_played is played else [played, equal_played]
-    engine, router = inprocess_engine(model_dir, threads, dtype, max_batch_size)
-    try:
-        inprocess = [run_inprocess(engine, router, *p) for p in plays]
-    finally:
-        engine.close()
+    inprocess = run_engine_alone(model_dir, plays, threads, dtype, max_batch_size)
     model = peers.load(model_dir, threads, dtype)
     static = [peers.run_static(model, p[1], max_batch_size) for p in plays]
     return {"inprocess": inprocess[0], "transformers": static[0],
