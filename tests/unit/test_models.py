@@ -27,18 +27,24 @@ def test_serving_side_holds_no_routed_expert_weights(checkpoints, arch):
         assert list(module.parameters()) == []
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_engine_logprobs_are_transformers_log_softmax_for_greedy_decoding(checkpoints, arch):
+def engine_and_oracle(model_dir):
+    """An engine stepped by its caller, its experts in two in-process banks, and transformers' whole model."""
     from transformers import AutoTokenizer
 
     from cluster.engine.engine import Engine
+
+    dense = load_dense_model(model_dir, "float32")
+    attach(dense, model_dir, 2, LocalExperts)
+    engine = Engine(dense, AutoTokenizer.from_pretrained(model_dir), dense.config.max_position_embeddings,
+                    background=False)
+    return engine, transformers_model(model_dir)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_logprobs_are_transformers_log_softmax_for_greedy_decoding(checkpoints, arch):
     from cluster.engine.sequence import SamplingParams
 
-    full = transformers_model(checkpoints[arch])
-    dense = load_dense_model(checkpoints[arch], "float32")
-    attach(dense, checkpoints[arch], 2, LocalExperts)
-    engine = Engine(dense, AutoTokenizer.from_pretrained(checkpoints[arch]), dense.config.max_position_embeddings,
-                    background=False)
+    engine, full = engine_and_oracle(checkpoints[arch])
     prompt = [5, 17, 42, 99]
     events = list(engine.stream(prompt, SamplingParams(max_tokens=5, logprobs=3, ignore_eos=True)))
     got = [lp for event in events for lp in event.logprobs]
@@ -53,16 +59,9 @@ def test_engine_logprobs_are_transformers_log_softmax_for_greedy_decoding(checkp
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_logprobs_are_transformers_log_softmax_beside_a_longer_prompt(checkpoints, arch):
-    from transformers import AutoTokenizer
-
-    from cluster.engine.engine import Engine
     from cluster.engine.sequence import SamplingParams, Sequence, TokenLogprob
 
-    full = transformers_model(checkpoints[arch])
-    dense = load_dense_model(checkpoints[arch], "float32")
-    attach(dense, checkpoints[arch], 2, LocalExperts)
-    engine = Engine(dense, AutoTokenizer.from_pretrained(checkpoints[arch]), dense.config.max_position_embeddings,
-                    background=False)
+    engine, full = engine_and_oracle(checkpoints[arch])
     prompt, longer, events = [5, 17, 42, 99], [7] * 9, []
     engine.submit(Sequence(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2), events.append))
     engine.submit(Sequence(longer, SamplingParams(max_tokens=3), lambda event: None))  # pads `prompt` on the left
