@@ -28,7 +28,8 @@ def ray_cluster():
 
     from cluster.node_env import apply_node_env
 
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
+    if not os.environ.get("RAY_TMPDIR"):  # unset or empty: Ray's socket paths must stay short, under /tmp
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-")
     apply_node_env()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {HEAD: 4},
                                                                 "include_dashboard": False})
