@@ -146,13 +146,15 @@ class ExpertController:
         """The last metrics of every serving replica still reporting, by replica id."""
         live = self._live_routers()
         with self._stats_lock:
-            return {router: text for router, text in self.router_metrics.items() if router in live}
+            self.router_metrics = {router: text for router, text in self.router_metrics.items() if router in live}
+            return dict(self.router_metrics)
 
     def release(self, router: str) -> bool:
         """A serving replica is going away; the last one out frees the workers and their placement group."""
         with self._lock:
             with self._stats_lock:
                 self.routers.pop(router, None)
+                self.router_metrics.pop(router, None)
             if self._live_routers():
                 return False
             self._free()

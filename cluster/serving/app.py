@@ -213,9 +213,7 @@ class MoEServer:
                 async for index, event in self._choices(ids, each):
                     yield grpc_api.response(index, event)
         except ServingError as error:
-            if grpc_context is not None:
-                grpc_context.set_code(error.grpc_code)
-                grpc_context.set_details(str(error))
+            grpc_api.set_status(grpc_context, error)
             raise
 
     # --- gRPC: grpc.health.v1.Health, for probes and load balancers (open, as /health is) ---
@@ -230,9 +228,7 @@ class MoEServer:
     def _serving(self, service: str, grpc_context):
         if service not in ("", grpc_api.SERVICE):
             error = UnknownService(f"no service {service!r} here; ask for {grpc_api.SERVICE!r} or the server ('')")
-            if grpc_context is not None:
-                grpc_context.set_code(error.grpc_code)
-                grpc_context.set_details(str(error))
+            grpc_api.set_status(grpc_context, error)
             raise error
         return health_pb2.HealthCheckResponse.SERVING
 

@@ -80,6 +80,13 @@ def generation_fields(request: inference_pb2.GenerateRequest | Undecodable) -> d
                 n=1 if optional("n") is None else request.n)
 
 
+def set_status(grpc_context, error) -> None:
+    """The status of `error` (a ServingError) on the call, for Serve's proxy to answer with once it is raised."""
+    if grpc_context is not None:
+        grpc_context.set_code(error.grpc_code)
+        grpc_context.set_details(str(error))
+
+
 def response(index: int, event) -> inference_pb2.GenerateResponse:
     logprobs = [inference_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                            top_token_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top])
