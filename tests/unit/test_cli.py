@@ -88,3 +88,13 @@ def test_serve_refuses_a_missing_keys_file_before_loading_anything(tmp_path, cap
     config.write_text(f"api_keys_file: {tmp_path / 'absent'}\n")
     assert main(["serve", "--config", str(config)]) == 2
     assert "cannot be read: No such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limits, message", [("{max_n: 0}", r"(?s)limits\.max_n.*greater than or equal to 1"),
+                                             ("{max_body_bytes: 10}", r"(?s)limits\.max_body_bytes.*1024"),
+                                             ("{streams: 2}", r"(?s)limits\.streams.*Extra inputs")])
+def test_bad_limits_are_refused_with_the_field(tmp_path, limits, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"limits: {limits}\n")
+    with pytest.raises(Exception, match=message):
+        load_config(str(path))
