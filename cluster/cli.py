@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     srv.add_argument("--dtype", choices=choices(ServeConfig, "dtype"))
     srv.add_argument("--num-workers", type=int)
+    srv.add_argument("--num-replicas", type=int, help="serving replicas, sharing the expert workers (default 1)")
     srv.add_argument("--config", help="serving config file (YAML or JSON); flags override it")
     srv.add_argument("--routing", choices=POLICIES, help="routing policy (default: the model's own gate)")
     srv.add_argument("--rebalance", action="store_true", default=None,
@@ -139,7 +140,7 @@ def _serve(args) -> int:
 
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
-                             rebalance_enabled=args.rebalance, routing_policy=args.routing)
+                             num_replicas=args.num_replicas, rebalance_enabled=args.rebalance, routing_policy=args.routing)
         ApiKeys.load(config.api_keys_file)
     except ValidationError as error:
         print(f"invalid serving config:\n{error}", file=sys.stderr)
@@ -155,7 +156,8 @@ def _serve(args) -> int:
         ray.init(address=args.address)
     else:
         apply_node_env()
-        cpus = max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + 2)
+        replicas = config.autoscaling.max_replicas if config.autoscaling else config.num_replicas
+        cpus = max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + replicas + 1)
         ray.init(address="local", num_cpus=cpus)
     serve.start(
         http_options={"host": "0.0.0.0", "port": args.http_port},

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from experts.keys import parse_expert_key
 
@@ -73,6 +73,22 @@ class LimitsConfig(_Strict):
     )
 
 
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=1, description="Fewest serving replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most serving replicas.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Requests in flight per serving replica that autoscaling aims at.",
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="How long load must stay high before a replica is added.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="How long load must stay low before one is removed.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class ServeConfig(_Strict):
     model: str | None = Field(None, description="Checkpoint directory; unset serves the embedded default model.")
     model_name: str | None = Field(
@@ -97,6 +113,14 @@ class ServeConfig(_Strict):
         "auto", description="spread: each layer's experts over every worker, which compute a layer at once; "
         "by_layer: each layer on as few workers as an even load allows, so a layer makes fewer calls; auto: "
         "by_layer where workers share a node, spread where each has its own.",
+    )
+    num_replicas: int = Field(
+        1, ge=1, description="Serving replicas (each runs the dense model, the engine and a router), all sharing "
+        "one set of expert workers. Not with autoscaling.",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale the serving replicas with load between min_replicas and max_replicas (Serve's "
+        "autoscaling) instead of a fixed num_replicas.",
     )
     default_replicas: int = Field(1, ge=1, description="Replicas of every expert not listed in expert_replicas.")
     expert_replicas: dict[ExpertKey, ReplicaCount] = Field(
@@ -129,6 +153,12 @@ class ServeConfig(_Strict):
         "exports tokens per layer, with each layer's max/mean imbalance, instead.",
     )
 
+    @model_validator(mode="after")
+    def _one_way_to_scale(self):
+        if self.autoscaling is not None and self.num_replicas > 1:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
     def replica_counts(self) -> dict[tuple[int, int], int]:
         return {parse_expert_key(key): n for key, n in self.expert_replicas.items()}
 
@@ -136,3 +166,37 @@ class ServeConfig(_Strict):
 def choices(model: type[BaseModel], field: str) -> tuple[str, ...]:
     """The values a Literal field of `model` accepts, for command-line choices."""
     return get_args(model.model_fields[field].annotation)
+
+
+# How a change of each field reaches a running deployment. Every field not named here belongs to the version: it
+# shapes the expert workers or the serving replica's process, so a change rolls out a new version beside the old.
+LIVE_FIELDS = frozenset({
+    "default_replicas", "expert_replicas", "routing", "rebalance", "expert_timeout_s", "hedge",
+    "max_batch_size", "max_waiting", "stream_interval", "default_max_tokens", "api_keys_file", "limits",
+    "metrics_open",
+})  # applied in place by every replica (Serve's user_config)
+SCALING_FIELDS = frozenset({"num_replicas", "autoscaling"})  # Serve's own options for the serving replicas
+WORKER_LIMITS = frozenset({"frame_message_bytes", "frame_tensor_bytes"})  # limits the workers' servers are built with
+
+
+def version_args(config: ServeConfig) -> dict:
+    """The fields that make a version: those neither live nor scaling, and the limits the workers start with."""
+    fields = config.model_dump(exclude=LIVE_FIELDS | SCALING_FIELDS)
+    fields["limits"] = config.limits.model_dump(include=WORKER_LIMITS)
+    return fields
+
+
+def live_fields(config: ServeConfig) -> dict:
+    fields = config.model_dump(include=LIVE_FIELDS)
+    fields["limits"] = config.limits.model_dump(exclude=WORKER_LIMITS)
+    return fields
+
+
+def with_live(version: dict, live: dict) -> ServeConfig:
+    """The whole config of a replica: its version's fields and the live ones Serve last gave it."""
+    unknown = set(live) - LIVE_FIELDS
+    if unknown:
+        raise ValueError(f"not live fields (they need a new version, set them in the application's args): "
+                         f"{', '.join(sorted(unknown))}")
+    limits = {**version.get("limits", {}), **live.get("limits", {})}
+    return ServeConfig.model_validate({**version, **live, "limits": limits})

@@ -1,7 +1,12 @@
 """The expert worker as a Ray actor: it loads its own experts, serves them (gRPC, and a Unix socket for its own
 host), and reports stats."""
 
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -13,16 +18,34 @@ from experts.threads import usable_cores
 from protos.wire.unix_stream import DEFAULT_LIMITS, FrameLimits
 
 
+log = logging.getLogger(__name__)
+OWNER_CHECK_S = 2.0
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The named actor whose workers these are. Once it has been gone for `grace_s` (longer than it takes to be
+    started again), `release` frees what its workers hold, workers included."""
+
+    name: str
+    namespace: str
+    release: Callable[[], None]
+    grace_s: float = 30.0
+
+
 class ExpertWorker:
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, key: str,
-                 threads: int | None = None, sharing: int = 1, limits: FrameLimits = DEFAULT_LIMITS):
-        """`key`: its application's data-path key, which callers must send. `threads` unset: the cores this worker
+                 threads: int | None = None, sharing: int = 1, limits: FrameLimits = DEFAULT_LIMITS,
+                 owner: Owner | None = None):
+        """`key`: its version's data-path key, which callers must send. `threads` unset: the cores this worker
         may use divided among the `sharing` workers that compute at once on its node."""
         torch.set_num_threads(threads or max(1, usable_cores() // sharing))
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
         self.server = ExpertServer(self.bank, key, host=ray.util.get_node_ip_address(), limits=limits)
         self.servicer, self._address = self.server.servicer, self.server.address
+        if owner is not None:
+            threading.Thread(target=_outlive_no_owner, args=(owner,), name="owner-watch", daemon=True).start()
 
     def load(self, pairs: list[tuple[int, int]]) -> None:
         self.bank.add(pairs)
@@ -55,3 +78,21 @@ class ExpertWorker:
 
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
+
+
+def _outlive_no_owner(owner: Owner) -> None:
+    """Free the workers of an owner that is gone for good: its serving replicas died without releasing them."""
+    gone_since = None
+    while True:
+        time.sleep(OWNER_CHECK_S)
+        try:
+            ray.get_actor(owner.name, namespace=owner.namespace)
+            gone_since = None
+            continue
+        except ValueError:
+            gone_since = gone_since or time.monotonic()
+        if time.monotonic() - gone_since >= owner.grace_s:
+            log.warning("%s has been gone for %.0fs: freeing its expert workers", owner.name, owner.grace_s)
+            owner.release()
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            return

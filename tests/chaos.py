@@ -40,7 +40,7 @@ def main() -> None:
     from cluster.control import ops
     from cluster.demo_model import default_model_dir
     from cluster.node_env import apply_node_env
-    from cluster.serving.app import MoEServer
+    from cluster.serving.app import application
     from cluster.serving.grpc_api import SERVICERS
     from protos import inference_pb2_grpc
 
@@ -54,8 +54,8 @@ def main() -> None:
     serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=SERVICERS),
                 http_options={"host": "127.0.0.1", "port": args.http_port})
     config = ServeConfig(model=str(default_model_dir()), model_name=APP, num_workers=3, default_replicas=2,
-                         expert_timeout_s=DEADLINE_S, dtype="float32")
-    serve.run(MoEServer.options(num_replicas=2).bind(config.model_dump()), name=APP, route_prefix=f"/{APP}")
+                         expert_timeout_s=DEADLINE_S, dtype="float32", num_replicas=2)
+    serve.run(application(config), name=APP, route_prefix=f"/{APP}")
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{args.grpc_port}"))
     prompts = [f"chaos {i}: experts keep serving" for i in range(args.streams)]
     try:

@@ -1,11 +1,16 @@
-"""The expert controller: one Ray actor per application that owns the expert workers, the placement plan and
-the routing table. It scales replicas, rebalances them by load, and replaces workers that die.
+"""The expert controller: one per version of an application, owning that version's expert workers, placement plan
+and routing table. It scales replicas, rebalances them by load, and replaces workers that die.
+
+It is a Serve deployment-scoped actor, named by the deployment's code version: Serve starts it (and so its
+workers) before the version's first serving replica, and stops it once the version's last replica is gone. A
+replica therefore only ever routes to its own version's workers, and a rollout brings up the new version's workers
+while the old version still serves.
 
 Changes follow one order, so no request in flight fails or stalls: load the new replicas, publish the new
 routing table and wait for the routers to take it, then retire the old replicas.
 
-It is no single point of failure: Ray restarts it when it dies, and the restarted controller adopts the
-workers (detached actors) and the plan it saved (`plan_store`); routers serve with their last table meanwhile.
+It is no single point of failure: when it dies, Serve starts it again and it adopts the workers (detached actors)
+and the plan it saved (`plan_store`); routers serve with their last table meanwhile.
 """
 
 import logging
@@ -17,9 +22,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray import serve
+from ray.serve.config import DeploymentActorConfig
 
-from cluster.config import ServeConfig
+from cluster.config import ServeConfig, with_live
 from cluster.control import plan_store
 from cluster.control.load_window import TokenWindow
 from cluster.control.placement import (
@@ -39,7 +45,7 @@ from router.timings import merge, per_call_ms
 
 log = logging.getLogger(__name__)
 ROUTER_TTL_S = 5.0
-ORPHAN_S = 15.0  # no router for this long, and no Serve application of our name: the workers are freed
+CONTROLLER = "expert-controller"  # its name among the deployment's actors
 REPLACE_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed replacement again
 HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "hedges", "hedges_won", "replacements", "replacement_failures")
 
@@ -61,26 +67,19 @@ class RouterReport:
 
 
 class ExpertController:
-    def __init__(self, config: dict, model_dir: str, app: str):
-        self.config = ServeConfig.model_validate(config)
-        self.model_dir, self.app = model_dir, app
+    def __init__(self, version: dict, model_dir: str):
+        """`version`: the version's fields of the serving config (`config.version_args`); the live ones come from
+        the serving replicas (`set_live`)."""
+        context = serve.get_deployment_actor_context()
+        self.app, self.code_version = context.app_name, context.code_version or "local"
+        self.scope = f"{self.app}:{self.code_version[:12]}"
+        self._version_fields = version
+        self.config = with_live(version, plan_store.load_live(self.scope))
+        self.model_dir = model_dir
         self.shape = moe_shape(model_dir)
         self.expert_bytes = expert_nbytes(model_dir, self.config.dtype)
-        saved = plan_store.load(app)
-        self.slots = WorkerSlots(self.config, model_dir, app, adopt=saved is not None)
-        if self.slots.adopted:
-            self.version, self.plan, self.counts = saved
-            self.version += 1  # addresses may have changed while no controller ran
-            self.slots.adopt(self.plan)
-            log.warning("controller restarted: adopted workers %s of plan v%d", sorted(self.slots.actors), saved[0])
-        else:
-            self.counts = replica_counts(self.shape, self.config.replica_counts(), self.config.default_replicas)
-            self.plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes,
-                                       by_layer=self.slots.by_layer)
-            self.slots.start(self.plan)
-            self.version = 0
-        self.table = self._table()
-        plan_store.save(app, self.version, self.plan, self.counts)
+        self.version = 0
+        self._start()
         self.window = TokenWindow(self.config.rebalance.window_s)
         self.worker_rows: Counter = Counter()  # rows per worker since the plan last changed
         self.routers: dict[str, tuple[int, float]] = {}  # router id -> (table version, last report time)
@@ -92,12 +91,46 @@ class ExpertController:
         self._stats_lock = threading.Lock()  # what reports add to: never held for long
         self._started = time.monotonic()
         self._replace_at, self._replace_failures, self.replace_error = 0.0, 0, ""
+        self.started_at = time.time()
         threading.Thread(target=self._watch, name="controller-watch", daemon=True).start()
+
+    def _start(self) -> None:
+        """Adopt the workers and plan of this version's previous controller, or place and load new ones."""
+        saved = plan_store.load(self.scope)
+        owner = ray.get_runtime_context().get_actor_name()
+        self.slots = WorkerSlots(self.config, self.model_dir, self.scope, owner, adopt=saved is not None)
+        if self.slots.adopted:
+            self.version, self.plan, self.counts = saved
+            self.version += 1  # addresses may have changed while no controller ran
+            self.slots.adopt(self.plan)
+            log.warning("controller restarted: adopted workers %s of plan v%d", sorted(self.slots.actors), saved[0])
+        else:
+            self.counts = replica_counts(self.shape, self.config.replica_counts(), self.config.default_replicas)
+            self.plan = plan_placement(self.counts, self._worker_slots(), self.expert_bytes,
+                                       by_layer=self.slots.by_layer)
+            self.slots.start(self.plan)
+            self.version += 1
+        self.table = self._table()
+        plan_store.save(self.scope, self.version, self.plan, self.counts)
+        self.freed = False
 
     # --- routers ---
 
-    def routing_table(self) -> RoutingTable:
-        return self.table
+    def attach(self) -> RoutingTable:
+        """A serving replica of this version starts: the routing table, with workers placed again if the version's
+        last replica had released them (Serve replaced it by a new one)."""
+        with self._lock:
+            if self.freed:
+                log.warning("a serving replica came back after the last one left: placing the workers again")
+                self._start()
+            return self.table
+
+    def started(self) -> float:
+        """When this controller started (wall clock): the newest one belongs to the newest version."""
+        return self.started_at
+
+    def data_path_key(self) -> str:
+        return plan_store.data_path_key(self.scope)
 
     def report(self, report: RouterReport):
         """A router's periodic check-in: its load and health in, a newer routing table out (or None)."""
@@ -122,12 +155,21 @@ class ExpertController:
             counts = {**self.counts, **_pairs(changes)}
             return self._replan(replica_counts(self.shape, counts), previous=self.plan)
 
-    def set_replicas(self, overrides: dict[str, int]) -> dict:
-        """The serving config's view: listed experts get their count, all others the default."""
+    def set_live(self, live: dict) -> dict:
+        """The serving config's live fields, as Serve last gave them to the replicas: rebalancing and the replica
+        counts (listed experts get theirs, all others the default)."""
         with self._lock:
-            counts = replica_counts(self.shape, _pairs(overrides), self.config.default_replicas)
-            if counts == self.counts:
-                return self.status()
+            config = with_live(self._version_fields, live)
+            replicas_changed = (config.default_replicas, config.expert_replicas) != (
+                self.config.default_replicas, self.config.expert_replicas)
+            if config.rebalance.window_s != self.config.rebalance.window_s:
+                with self._stats_lock:
+                    self.window = TokenWindow(config.rebalance.window_s)
+            self.config = config
+            plan_store.save_live(self.scope, live)
+            counts = replica_counts(self.shape, config.replica_counts(), config.default_replicas)
+            if not replicas_changed or counts == self.counts or self.freed:
+                return self._status()
             return self._replan(counts, previous=self.plan)
 
     def rebalance(self) -> dict:
@@ -150,19 +192,19 @@ class ExpertController:
             return dict(self.router_metrics)
 
     def release(self, router: str) -> bool:
-        """A serving replica is going away; the last one out frees the workers and their placement group."""
+        """A serving replica is going away; the last one out frees the workers, their placement group and the
+        saved plan (Serve then stops this controller, unless it starts another replica of this version)."""
         with self._lock:
             with self._stats_lock:
                 self.routers.pop(router, None)
                 self.router_metrics.pop(router, None)
-            if self._live_routers():
+            if self._live_routers() or self.freed:
                 return False
-            self._free()
+            log.info("the last serving replica of %s left: freeing its expert workers", self.scope)
+            self.slots.shutdown()
+            plan_store.delete(self.scope)
+            self.freed = True
             return True
-
-    def _free(self) -> None:
-        self.slots.shutdown()
-        plan_store.delete(self.app)
 
     # --- internals ---
 
@@ -173,7 +215,7 @@ class ExpertController:
         removes = [sorted(set(old) - set(new)) for new, old in zip(plan, self.plan)]
         self.slots.call_each("load", adds)
         self.plan, self.counts = plan, counts
-        plan_store.save(self.app, self.version + 1, plan, counts)
+        plan_store.save(self.scope, self.version + 1, plan, counts)
         self._publish()
         self.slots.call_each("unload", removes)
         return self._status()
@@ -215,11 +257,8 @@ class ExpertController:
         while True:
             time.sleep(1.0)
             try:
-                if self._orphaned():
-                    log.warning("application %s is gone from Serve: freeing its expert workers", self.app)
-                    self._free()
-                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-                    return
+                if self.freed:
+                    continue
                 self._heal()
                 cfg = self.config.rebalance
                 if cfg.enabled and time.monotonic() - last_rebalance >= cfg.interval_s:
@@ -227,15 +266,6 @@ class ExpertController:
                     self.rebalance()
             except Exception:
                 log.exception("controller watch step failed")
-
-    def _orphaned(self) -> bool:
-        """No router has reported for ORPHAN_S and Serve runs no application of our name: its replicas died
-        without the graceful shutdown that would have released the workers."""
-        if time.monotonic() - self._started < ORPHAN_S or self._live_routers(ORPHAN_S):
-            return False
-        from ray import serve
-
-        return self.app not in serve.status().applications
 
     def _heal(self) -> None:
         dead = self.slots.dead()
@@ -272,6 +302,8 @@ class ExpertController:
         per_pair = {pair: float(tokens.get(expert_key(*pair), 0)) for pair in self.counts}
         return {
             "app": self.app,
+            "scope": self.scope,
+            "started_at": self.started_at,
             "version": self.version,
             "routing_policy": self.config.routing.policy,
             "placement": "by_layer" if self.slots.by_layer else "spread",
@@ -311,22 +343,9 @@ def _pairs(spec: dict[str, int]) -> dict[tuple[int, int], int]:
 
 
 
-def controller_name(app: str) -> str:
-    return f"{app}:controller"
-
-
-def start_controller(config: ServeConfig, model_dir: str, app: str):
-    """The application's controller: created by its first replica, shared by the others.
-
-    It prefers the serving replica's node, so losing an expert node never takes it along; it is detached and
-    restarted by Ray, so losing its process or its node does not lose the workers or the plan.
-    """
-    from cluster.control.workers import NAMESPACE
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    controller = ray.remote(ExpertController).options(
-        name=controller_name(app), namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
-        num_cpus=0, max_concurrency=16, scheduling_strategy=here,
-    ).remote(config.model_dump(), model_dir, app)
-    ray.get(controller.routing_table.remote(), timeout=config.startup_timeout_s + 60)
-    return controller
+def controller_actor(version: dict, model_dir: str) -> DeploymentActorConfig:
+    """The controller as a deployment-scoped actor of the serving deployment (see the module's docstring)."""
+    return DeploymentActorConfig(
+        name=CONTROLLER, actor_class=ray.remote(ExpertController), init_args=(version, model_dir),
+        actor_options={"num_cpus": 0, "max_concurrency": 16},
+    )

@@ -4,7 +4,9 @@ import logging
 
 import ray
 
-from cluster.control.controller import controller_name
+from ray.serve._private.constants import SERVE_DEPLOYMENT_ACTOR_PREFIX, SERVE_NAMESPACE
+
+from cluster.control.controller import CONTROLLER
 from cluster.control.workers import NAMESPACE
 from experts.keys import expert_key, parse_expert_key
 
@@ -17,11 +19,26 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
 
 
+def controllers(app: str) -> list:
+    """The expert controllers of `app`'s running versions, newest first (two while a rollout is under way)."""
+    prefix, suffix = f"{SERVE_DEPLOYMENT_ACTOR_PREFIX}{app}::", f"::{CONTROLLER}"
+    handles = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(prefix) and actor["name"].endswith(suffix):
+            try:
+                handles.append(ray.get_actor(actor["name"], namespace=SERVE_NAMESPACE))
+            except ValueError:
+                pass  # gone since it was listed
+    started = ray.get([handle.started.remote() for handle in handles])
+    return [handle for _, handle in sorted(zip(started, handles), key=lambda pair: -pair[0])]
+
+
 def _controller(app: str):
-    try:
-        return ray.get_actor(controller_name(app), namespace=NAMESPACE)
-    except ValueError:
-        raise LookupError(f"no moecluster application {app!r} is running on this Ray cluster") from None
+    """The newest version's controller: the one that serves once a rollout completes."""
+    found = controllers(app)
+    if not found:
+        raise LookupError(f"no moecluster application {app!r} is running on this Ray cluster")
+    return found[0]
 
 
 def status(app: str = DEFAULT_APP) -> dict:

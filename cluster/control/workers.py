@@ -1,10 +1,12 @@
 """Expert worker slots: one placement-group bundle each, on distinct nodes where there are enough.
 
-A slot keeps its bundle for the application's life; when its actor dies (or its node does), a new actor
+A slot keeps its bundle for the version's life; when its actor dies (or its node does), a new actor
 takes the bundle, which Ray moves to a live node. The group and the workers are detached: they outlive the
-controller, so a restarted controller adopts them by name instead of starting over.
+controller, so a restarted controller adopts them by name instead of starting over. Workers whose controller is
+gone for good free themselves (`experts.worker`).
 """
 
+import functools
 import logging
 import time
 
@@ -17,7 +19,7 @@ from cluster.config import ServeConfig
 from cluster.control import plan_store
 from cluster.control.placement import packs_layers
 from cluster.node_env import ACTOR_ENV
-from experts.worker import ExpertWorker
+from experts.worker import ExpertWorker, Owner
 from protos.wire.unix_stream import FrameLimits
 
 log = logging.getLogger(__name__)
@@ -29,23 +31,24 @@ class PlacementError(RuntimeError):
     pass
 
 
-def worker_name(app: str, slot: int) -> str:
-    return f"{app}:expert-worker-{slot}"
+def worker_name(scope: str, slot: int) -> str:
+    return f"{scope}:expert-worker-{slot}"
 
 
-def group_name(app: str) -> str:
-    return f"{app}:expert-workers"
+def group_name(scope: str) -> str:
+    return f"{scope}:expert-workers"
 
 
 class WorkerSlots:
-    def __init__(self, config: ServeConfig, model_dir: str, app: str, adopt: bool = False):
-        """`adopt`: take over the application's existing placement group, if it has one, instead of a new one."""
-        self.config, self.model_dir, self.app = config, model_dir, app
-        self.key = plan_store.data_path_key(app)
+    def __init__(self, config: ServeConfig, model_dir: str, scope: str, owner: str, adopt: bool = False):
+        """`scope`: the version the workers belong to; `owner`: their controller's actor name. `adopt`: take over
+        the version's existing placement group, if it has one, instead of a new one."""
+        self.config, self.model_dir, self.scope, self.owner = config, model_dir, scope, owner
+        self.key = plan_store.data_path_key(scope)
         self.bundle = _bundle(config)
         self.size = config.num_workers
-        self.group = (adopt and _existing_group(group_name(app))) or _place(
-            self.bundle, self.size, config.startup_timeout_s, name=group_name(app))
+        self.group = (adopt and _existing_group(group_name(scope))) or _place(
+            self.bundle, self.size, config.startup_timeout_s, name=group_name(scope))
         self.adopted = adopt and self.group is not None
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
@@ -57,7 +60,7 @@ class WorkerSlots:
 
     def start(self, plan: list[list[tuple[int, int]]]) -> None:
         for slot in range(self.size):  # a worker left by an earlier life of the application holds its name
-            _kill_named(worker_name(self.app, slot))
+            _kill_named(worker_name(self.scope, slot))
         failed = self.replace(range(self.size), plan)
         if failed:
             self.shutdown()
@@ -67,7 +70,7 @@ class WorkerSlots:
         """Take over the workers still alive under their names, hosting what `plan` says; the others stay vacant."""
         for slot in range(self.size):
             try:
-                actor = ray.get_actor(worker_name(self.app, slot), namespace=NAMESPACE)
+                actor = ray.get_actor(worker_name(self.scope, slot), namespace=NAMESPACE)
                 hosted = set(map(tuple, ray.get(actor.stats.remote(), timeout=HEALTH_TIMEOUT_S)["pairs"]))
                 want = set(plan[slot])
                 ray.get([actor.load.remote(sorted(want - hosted)), actor.unload.remote(sorted(hosted - want))],
@@ -99,14 +102,20 @@ class WorkerSlots:
         return (
             ray.remote(ExpertWorker)
             .options(
-                name=worker_name(self.app, slot), namespace=NAMESPACE, lifetime="detached", max_concurrency=4,
+                name=worker_name(self.scope, slot), namespace=NAMESPACE, lifetime="detached", max_concurrency=4,
                 num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
                 runtime_env={"env_vars": ACTOR_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
             )
             .remote(self.model_dir, pairs, dtype, self.key, self.config.worker_threads, self._computing_at_once(slot),
-                    FrameLimits.of(self.config.limits))
+                    FrameLimits.of(self.config.limits), self._owner())
         )
+
+    def _owner(self) -> Owner | None:
+        if self.owner is None:
+            return None
+        return Owner(self.owner, ray.get_runtime_context().namespace,
+                     functools.partial(free_version, self.scope, self.group))
 
     def _computing_at_once(self, slot: int) -> int:
         """Workers that compute at once on `slot`'s node, sharing its cores: one when layers are packed, every
@@ -141,7 +150,7 @@ class WorkerSlots:
         for slot in slots:
             self.addresses.pop(slot, None)
             if self.actors.pop(slot, None) is not None:
-                _kill_named(worker_name(self.app, slot))
+                _kill_named(worker_name(self.scope, slot))
 
     def stats(self) -> dict[int, dict]:
         refs = {slot: actor.stats.remote() for slot, actor in self._live()}
@@ -156,6 +165,12 @@ class WorkerSlots:
     def shutdown(self) -> None:
         self.forget(list(self.actors))
         remove_placement_group(self.group)
+
+
+def free_version(scope: str, group) -> None:
+    """Everything a version holds: its saved records, and its placement group with the workers in it."""
+    plan_store.delete(scope)
+    remove_placement_group(group)
 
 
 def _kill_named(name: str, timeout_s: float = 30.0) -> None:

@@ -51,6 +51,11 @@ class Engine:
         except queue.Full:
             raise Overloaded(f"{self._waiting.maxsize} requests already wait for a batch slot; retry later") from None
 
+    def resize_queue(self, max_waiting: int) -> None:
+        """How many requests may wait for a batch slot, from now on."""
+        with self._waiting.mutex:
+            self._waiting.maxsize = max_waiting
+
     def step(self) -> bool:
         """One iteration of every lane: admit waiting sequences, prefill them, decode a token for each running
         one. False when there was nothing to do."""

@@ -19,9 +19,8 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from transformers import AutoTokenizer
 
-from cluster.config import HedgeConfig, RoutingConfig, ServeConfig
-from cluster.control import plan_store
-from cluster.control.controller import RouterReport, start_controller
+from cluster.config import HedgeConfig, RoutingConfig, ServeConfig, live_fields, version_args, with_live
+from cluster.control.controller import CONTROLLER, RouterReport, controller_actor
 from cluster.demo_model import default_model_dir
 from cluster.engine.engine import Engine
 from cluster.engine.sequence import Event, Sequence
@@ -33,6 +32,7 @@ from cluster.serving.auth import ApiKeys
 from cluster.serving.body_limit import BodyLimit
 from cluster.serving.chat import ChatRequest
 from cluster.serving.logs import one_line_refusals
+from cluster.serving.rollout import autoscaling_options, rollout_surge
 from cluster.serving.metrics import RequestTimer, ServingMetrics
 from cluster.serving.openai_api import (
     CompletionRequest,
@@ -95,54 +95,63 @@ def hedge_policy(config: HedgeConfig) -> HedgePolicy | None:
                   ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": ACTOR_ENV}})
 @serve.ingress(api)
 class MoEServer:
-    def __init__(self, config: dict | ServeConfig):
-        self.config = ServeConfig.model_validate(config)
+    def __init__(self, version: dict):
+        """`version`: the version's fields of the serving config (`config.version_args`); Serve then calls
+        `reconfigure` with the live ones before the replica takes a request."""
+        self._version = version
+        self.config = with_live(version, {})
         one_line_refusals()
-        BodyLimit.max_bytes = self.config.limits.max_body_bytes
         torch.set_num_threads(self.config.serving_threads or usable_cores())
-        model_dir = self.config.model or str(default_model_dir())
-        self.model_name = self.config.model_name or (Path(model_dir).name if self.config.model else DEMO_MODEL_NAME)
+        self.model_dir = self.config.model or str(default_model_dir())
         self._created = int(time.time())
-        self.keys = ApiKeys.load(self.config.api_keys_file)
-        if self.keys.open:
-            log.warning("no API key is set (%s or api_keys_file): anyone who reaches the APIs can use them", AUTH_ENV)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_dense_model(model_dir, self.config.dtype)
-        app = serve.get_replica_context().app_name
-        self.controller = start_controller(self.config, model_dir, app)
-        client = ExpertClient(self.config.expert_timeout_s, plan_store.data_path_key(app),
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = load_dense_model(self.model_dir, self.config.dtype)
+        self._router_id = serve.get_replica_context().replica_id.unique_id
+        self.controller = serve.get_deployment_actor(CONTROLLER)
+        client = ExpertClient(self.config.expert_timeout_s, ray.get(self.controller.data_path_key.remote()),
                               limits=FrameLimits.of(self.config.limits))
-        self.router = ExpertRouter(ray.get(self.controller.routing_table.remote()), client,
-                                   probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
-                                   hedging=hedge_policy(self.config.hedge))
+        self.router = ExpertRouter(ray.get(self.controller.attach.remote()), client,
+                                   probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S))
         route_experts(self.model, self.router)
-        self.router.policy = routing_policy(self.model, model_dir, self.config.routing)
         self.context_len = self.model.config.max_position_embeddings
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
                              self.config.max_waiting, step_tokens=self.router.tokens,
                              lanes=self.config.engine_lanes)
         self.connections = grpc_api.ConnectionStreams(self.config.limits.streams_per_connection)
+        self.model_name = self.config.model_name or (
+            Path(self.model_dir).name if self.config.model else DEMO_MODEL_NAME)
         self.metrics = ServingMetrics(self.model_name, self.config.metrics_expert_series,
                                       running=self.engine.running, waiting=self.engine.waiting)
         self.router.client.on_reply = lambda worker, s: self.metrics.forward_seconds.labels(str(worker)).observe(s)
         self._experts_per_layer = {layer: len(hosts) for layer, hosts in self.router.table.replicas.items()}
-        self._router_id = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         threading.Thread(target=self._report_loop, name="router-report", daemon=True).start()
 
     def __del__(self):
-        # Serve calls this on a graceful shutdown: the workers and their placement group are detached, so they
-        # outlive every replica unless the last one releases them.
+        # Serve calls this on a graceful shutdown, once the replica's requests are done: the last replica of its
+        # version releases the version's workers and their placement group.
         self.router.close()
         try:
-            if ray.get(self.controller.release.remote(self._router_id), timeout=30):
-                ray.kill(self.controller)
+            ray.get(self.controller.release.remote(self._router_id), timeout=30)
         except Exception:
             log.exception("could not release the expert workers")
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Serve's live config update: new expert replica counts apply without a restart."""
-        ray.get(self.controller.set_replicas.remote(user_config.get("expert_replicas", {})))
+    def reconfigure(self, live: dict) -> None:
+        """Serve's in-place update: the live fields of the serving config (`cluster.config.LIVE_FIELDS`), applied
+        to the requests that start from now on, with no restart."""
+        config = with_live(self._version, live)
+        self.keys = ApiKeys.load(config.api_keys_file)
+        if self.keys.open:
+            log.warning("no API key is set (%s or api_keys_file): anyone who reaches the APIs can use them", AUTH_ENV)
+        BodyLimit.max_bytes = config.limits.max_body_bytes
+        self.connections.limit = config.limits.streams_per_connection
+        self.router.policy = routing_policy(self.model, self.model_dir, config.routing)
+        self.router.hedging = hedge_policy(config.hedge)
+        self.router.client.timeout_s = config.expert_timeout_s
+        self.engine.max_batch_size = config.max_batch_size
+        self.engine.resize_queue(config.max_waiting)
+        self.config = config
+        ray.get(self.controller.set_live.remote(live), timeout=self.config.startup_timeout_s)
 
     def _report_loop(self) -> None:
         reachable = True
@@ -164,12 +173,20 @@ class MoEServer:
                     log.warning("expert controller unreachable, serving with routing table v%d: %s",
                                 self.router.table.version, type(error).__name__)
                 reachable = False
+                self._find_controller()
                 continue
             if not reachable:
                 log.warning("expert controller reachable again")
             reachable = True
             if table is not None:
                 self.router.update(table)
+
+    def _find_controller(self) -> None:
+        """The version's controller once Serve has started it again (a handle to a dead one stays dead)."""
+        try:
+            self.controller = serve.get_deployment_actor(CONTROLLER)
+        except ValueError:
+            pass  # not registered again yet
 
     def _parse(self, **fields):
         return parse_generation(
@@ -361,6 +378,20 @@ class MoEServer:
 
 
 def build(args: dict) -> serve.Application:
-    """Application builder for `serve run cluster.serving.app:build` and KubeRay's serveConfigV2 (`args` = ServeConfig)."""
-    config = ServeConfig.model_validate(args or {})
-    return MoEServer.options(user_config={"expert_replicas": config.expert_replicas}).bind(config.model_dump())
+    """Application builder for `serve run cluster.serving.app:build` and KubeRay's serveConfigV2 (`args`: the
+    fields of ServeConfig; a serve config may also give the live ones as the deployment's user_config)."""
+    return application(ServeConfig.model_validate(args or {}))
+
+
+def application(config: ServeConfig, **options) -> serve.Application:
+    """The Serve application of `config`: the version's fields bound as the replicas' init argument, the live ones
+    as their user_config, the serving replicas' count or autoscaling as Serve's own options, and the version's
+    expert controller as a deployment-scoped actor. `options`: more of Serve's deployment options."""
+    model_dir = config.model or str(default_model_dir())
+    version = version_args(config)
+    scaling = ({"autoscaling_config": autoscaling_options(config.autoscaling)} if config.autoscaling
+               else {"num_replicas": config.num_replicas})
+    return MoEServer.options(
+        user_config=live_fields(config), max_surge_percent=rollout_surge(config),
+        deployment_actors=[controller_actor(version, model_dir)], **scaling, **options,
+    ).bind(version)

@@ -211,20 +211,19 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     the expert GEMM's GFLOP/s against a bare matmul of the same shapes."""
     import ray
 
-    from cluster.control import plan_store
-    from cluster.control.controller import controller_name
-    from cluster.control.workers import NAMESPACE
+    from cluster.control import ops
     from experts.bank import ExpertBank
     from experts.layout import moe_shape
     from router.client import ExpertClient
     from router.local import LocalExperts
     from router.remote import ExpertRouter
 
-    table = ray.get(ray.get_actor(controller_name(app), namespace=NAMESPACE).routing_table.remote())
+    controller = ops.controllers(app)[0]
+    table = ray.get(controller.attach.remote())
     layer, experts = next(iter(moe_shape(model_dir).items()))
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     bank = ExpertBank(model_dir, [(layer, e) for e in range(experts)], torch_dtype)
-    key = plan_store.data_path_key(app)
+    key = ray.get(controller.data_path_key.remote())
     routers = {"distributed": ExpertRouter(table, ExpertClient(timeout_s=60, key=key)),
                "distributed_grpc_only": ExpertRouter(table, ExpertClient(timeout_s=60, key=key, unix_sockets=False)),
                "in_process": ExpertRouter(_single_worker_table(table), LocalExperts([bank]))}

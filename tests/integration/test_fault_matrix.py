@@ -21,7 +21,7 @@ from cluster.config import ServeConfig
 from cluster.control import ops
 from cluster.control.workers import NAMESPACE, worker_name
 from cluster.node_env import ACTOR_ENV
-from cluster.serving.app import MoEServer
+from cluster.serving.app import application
 from tests.integration import faults
 from tests.integration.conftest import HEAD, generate, tokens
 
@@ -40,10 +40,9 @@ def model_dir(checkpoints, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app(ray_cluster, model_dir, serve_endpoints, inference_stub):
     config = ServeConfig(model=str(model_dir), model_name=APP, num_workers=3, default_replicas=2,
-                         expert_timeout_s=DEADLINE_S, dtype="float32")
+                         expert_timeout_s=DEADLINE_S, dtype="float32", num_replicas=2)
     on_head = {"num_cpus": 1, "resources": {HEAD: 1}, "runtime_env": {"env_vars": ACTOR_ENV}}  # node faults spare it
-    serve.run(MoEServer.options(num_replicas=2, ray_actor_options=on_head).bind(config.model_dump()), name=APP,
-              route_prefix=f"/{APP}")
+    serve.run(application(config, ray_actor_options=on_head), name=APP, route_prefix=f"/{APP}")
     wait_until(lambda: len(ops.status(APP)["routers"]) == 2, what="both Serve replicas to check in")
     yield ray_cluster
     # The session's gRPC channel may still hold a connection to a proxy these tests killed (or whose node they
@@ -307,34 +306,27 @@ def test_node_removed(app, inference_stub, expected):
 
 
 def test_replica_dead_without_graceful_shutdown_leaves_no_orphans(app, model_dir):
-    from ray.util.placement_group import get_placement_group, placement_group_table
+    """Its replica SIGKILLed, the application deleted: Serve stops the version's controller, and its workers, seeing
+    their controller gone, free themselves, their placement group and the version's saved plan."""
+    from ray.util.placement_group import placement_group_table
 
     from cluster.control import plan_store
-    from cluster.control.controller import controller_name
     from cluster.control.workers import group_name
 
     name = "orphan"
     config = ServeConfig(model=str(model_dir), model_name=name, num_workers=1, dtype="float32")
-    serve.run(MoEServer.options(ray_actor_options={"num_cpus": 1, "resources": {HEAD: 1}}).bind(config.model_dump()),
+    serve.run(application(config, ray_actor_options={"num_cpus": 1, "resources": {HEAD: 1}}),
               name=name, route_prefix=f"/{name}")
+    scope = ops.status(name)["scope"]
     for pid in faults.pids_titled(f"ray::ServeReplica:{name}:"):
         os.kill(pid, signal.SIGKILL)
     serve.delete(name, _blocking=False)
 
     def gone() -> bool:
-        try:
-            group = get_placement_group(group_name(name))
-            if placement_group_table(group).get("state") != "REMOVED":
-                return False
-        except ValueError:
-            pass
-        try:
-            ray.get_actor(controller_name(name), namespace=NAMESPACE)
-            return False
-        except ValueError:
-            pass
-        return plan_store.load(name) is None
+        groups = [g for g in placement_group_table().values() if g["name"] == group_name(scope)]
+        return (all(g["state"] == "REMOVED" for g in groups) and not ops.controllers(name)
+                and plan_store.load(scope) is None)
 
     wait_until(gone, timeout=120, what="the orphaned workers, placement group and plan to be freed")
     with pytest.raises(ValueError):
-        ray.get_actor(worker_name(name, 0), namespace=NAMESPACE)
+        ray.get_actor(worker_name(scope, 0), namespace=NAMESPACE)
