@@ -139,7 +139,7 @@ def _faults(ops, rng: random.Random) -> dict:
 
     def malformed():
         slot = rng.randrange(3)
-        actor = ray.get_actor(worker_name(APP, slot), namespace=NAMESPACE)
+        actor = ray.get_actor(worker_name(ops.status(APP)["scope"], slot), namespace=NAMESPACE)
         ray.get(actor.inject_fault.remote(True))
         time.sleep(3)
         ray.get(actor.inject_fault.remote(False))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
+from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.config import DeploymentActorConfig
 
 from cluster.config import ServeConfig, with_live
@@ -45,6 +46,7 @@ from router.timings import merge, per_call_ms
 
 log = logging.getLogger(__name__)
 ROUTER_TTL_S = 5.0
+ATTACHED_TTL_S = 60.0  # an attached router silent this long died without releasing its version's workers
 CONTROLLER = "expert-controller"  # its name among the deployment's actors
 REPLACE_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed replacement again
 HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "hedges", "hedges_won", "replacements", "replacement_failures")
@@ -87,6 +89,7 @@ class ExpertController:
         self.counters: Counter[str] = Counter()  # the health model's doings, the routers' summed with ours
         self.router_info: dict[str, dict] = {}  # router id -> where it runs, and the workers it keeps out now
         self.router_metrics: dict[str, bytes] = {}  # router id -> its last Prometheus metrics
+        self.attached: set[str] = set()  # routers that attached and have not released: they may still serve
         self._lock = threading.RLock()  # plan changes: held for as long as one takes
         self._stats_lock = threading.Lock()  # what reports add to: never held for long
         self._started = time.monotonic()
@@ -97,7 +100,7 @@ class ExpertController:
     def _start(self) -> None:
         """Adopt the workers and plan of this version's previous controller, or place and load new ones."""
         saved = plan_store.load(self.scope)
-        owner = ray.get_runtime_context().get_actor_name()
+        owner = (ray.get_runtime_context().get_actor_name(), SERVE_NAMESPACE)  # Serve names it in its namespace
         self.slots = WorkerSlots(self.config, self.model_dir, self.scope, owner, adopt=saved is not None)
         if self.slots.adopted:
             self.version, self.plan, self.counts = saved
@@ -116,14 +119,20 @@ class ExpertController:
 
     # --- routers ---
 
-    def attach(self) -> RoutingTable:
+    def attach(self, router: str) -> RoutingTable:
         """A serving replica of this version starts: the routing table, with workers placed again if the version's
         last replica had released them (Serve replaced it by a new one)."""
         with self._lock:
             if self.freed:
                 log.warning("a serving replica came back after the last one left: placing the workers again")
                 self._start()
+            with self._stats_lock:
+                self.routers.setdefault(router, (self.table.version, time.monotonic()))
+                self.attached.add(router)
             return self.table
+
+    def routing_table(self) -> RoutingTable:
+        return self.table
 
     def started(self) -> float:
         """When this controller started (wall clock): the newest one belongs to the newest version."""
@@ -198,7 +207,8 @@ class ExpertController:
             with self._stats_lock:
                 self.routers.pop(router, None)
                 self.router_metrics.pop(router, None)
-            if self._live_routers() or self.freed:
+                self.attached.discard(router)
+            if self._attached_routers() or self.freed:
                 return False
             log.info("the last serving replica of %s left: freeing its expert workers", self.scope)
             self.slots.shutdown()
@@ -228,6 +238,13 @@ class ExpertController:
         deadline = time.monotonic() + 2 * ROUTER_TTL_S
         while time.monotonic() < deadline and any(v < self.version for v in self._live_routers().values()):
             time.sleep(0.05)
+
+    def _attached_routers(self) -> set[str]:
+        """Attached routers, less those silent for ATTACHED_TTL_S (they died; Serve replaces them)."""
+        live = self._live_routers(ATTACHED_TTL_S)
+        with self._stats_lock:
+            self.attached &= set(live)
+            return set(self.attached)
 
     def _live_routers(self, ttl_s: float = ROUTER_TTL_S) -> dict[str, int]:
         now = time.monotonic()

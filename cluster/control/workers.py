@@ -24,7 +24,9 @@ from protos.wire.unix_stream import FrameLimits
 
 log = logging.getLogger(__name__)
 NAMESPACE = "moecluster"
-HEALTH_TIMEOUT_S = 10.0  # a worker that does not answer Ray for this long is taken for gone, and replaced
+HEALTH_TIMEOUT_S = 10.0  # a worker that does not answer Ray's ping within this has missed one
+MISSED_PINGS = 3  # in a row: a worker that missed this many is taken for gone, and replaced (one that is only slow,
+# on a busy machine or while a new version loads beside it, is not: the routers' health model steers around it)
 
 
 class PlacementError(RuntimeError):
@@ -40,8 +42,9 @@ def group_name(scope: str) -> str:
 
 
 class WorkerSlots:
-    def __init__(self, config: ServeConfig, model_dir: str, scope: str, owner: str, adopt: bool = False):
-        """`scope`: the version the workers belong to; `owner`: their controller's actor name. `adopt`: take over
+    def __init__(self, config: ServeConfig, model_dir: str, scope: str, owner: tuple[str, str] | None,
+                 adopt: bool = False):
+        """`scope`: the version the workers belong to; `owner`: their controller's actor name and namespace. `adopt`: take over
         the version's existing placement group, if it has one, instead of a new one."""
         self.config, self.model_dir, self.scope, self.owner = config, model_dir, scope, owner
         self.key = plan_store.data_path_key(scope)
@@ -52,6 +55,7 @@ class WorkerSlots:
         self.adopted = adopt and self.group is not None
         self.actors: dict[int, object] = {}
         self.addresses: dict[int, str] = {}
+        self.missed: dict[int, int] = {}  # slot -> pings missed in a row
         self.by_layer = packs_layers(config.placement, self.nodes())
 
     def nodes(self) -> list[str]:
@@ -114,8 +118,8 @@ class WorkerSlots:
     def _owner(self) -> Owner | None:
         if self.owner is None:
             return None
-        return Owner(self.owner, ray.get_runtime_context().namespace,
-                     functools.partial(free_version, self.scope, self.group))
+        name, namespace = self.owner
+        return Owner(name, namespace, functools.partial(free_version, self.scope, self.group))
 
     def _computing_at_once(self, slot: int) -> int:
         """Workers that compute at once on `slot`'s node, sharing its cores: one when layers are packed, every
@@ -137,18 +141,25 @@ class WorkerSlots:
         return {slot: addresses[slot] for slot, _ in self._live() if slot in addresses}
 
     def dead(self) -> list[int]:
+        """Slots whose worker died, or missed MISSED_PINGS pings in a row."""
         refs = {slot: actor.health.remote() for slot, actor in self._live()}
         dead = []
         for slot, ref in refs.items():
             try:
                 ray.get(ref, timeout=HEALTH_TIMEOUT_S)
-            except (RayActorError, GetTimeoutError):
+                self.missed.pop(slot, None)
+            except RayActorError:
                 dead.append(slot)
+            except GetTimeoutError:
+                self.missed[slot] = self.missed.get(slot, 0) + 1
+                if self.missed[slot] >= MISSED_PINGS:
+                    dead.append(slot)
         return dead
 
     def forget(self, slots) -> None:
         for slot in slots:
             self.addresses.pop(slot, None)
+            self.missed.pop(slot, None)
             if self.actors.pop(slot, None) is not None:
                 _kill_named(worker_name(self.scope, slot))
 

@@ -110,7 +110,7 @@ class MoEServer:
         self.controller = serve.get_deployment_actor(CONTROLLER)
         client = ExpertClient(self.config.expert_timeout_s, ray.get(self.controller.data_path_key.remote()),
                               limits=FrameLimits.of(self.config.limits))
-        self.router = ExpertRouter(ray.get(self.controller.attach.remote()), client,
+        self.router = ExpertRouter(ray.get(self.controller.attach.remote(self._router_id)), client,
                                    probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S))
         route_experts(self.model, self.router)
         self.context_len = self.model.config.max_position_embeddings

@@ -219,7 +219,7 @@ def run_micro(model_dir: str, app: str, dtype: str, iters: int = 30, token_count
     from router.remote import ExpertRouter
 
     controller = ops.controllers(app)[0]
-    table = ray.get(controller.attach.remote())
+    table = ray.get(controller.routing_table.remote())
     layer, experts = next(iter(moe_shape(model_dir).items()))
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     bank = ExpertBank(model_dir, [(layer, e) for e in range(experts)], torch_dtype)

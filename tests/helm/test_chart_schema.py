@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from cluster import config
 from cluster.config import ServeConfig
 
 
@@ -17,6 +18,37 @@ def test_serve_schema_is_generated_from_serveconfig(generator):
     serve = json.loads(committed)["properties"]["serve"]
     assert set(serve["properties"]) == set(ServeConfig.model_fields)
     assert serve["additionalProperties"] is False
+
+
+def test_the_fields_file_is_generated_from_cluster_config(generator):
+    """files/fields.json, which the templates split `serve` by, names cluster/config.py's field groups."""
+    committed = generator.FIELDS.read_text()
+    assert committed == generator.render_fields(), (
+        "helm/moecluster/files/fields.json differs from cluster/config.py: run python helm/moecluster/hack/generate.py")
+    fields = json.loads(committed)
+    assert (set(fields["live"]), set(fields["scaling"]), set(fields["worker_limits"])) == (
+        config.LIVE_FIELDS, config.SCALING_FIELDS, config.WORKER_LIMITS)
+
+
+def test_every_generated_file_is_current(generator, capsys):
+    assert generator.main(["--check"]) == 0, capsys.readouterr().err
+    assert set(generator.outputs()) == {generator.SCHEMA, generator.FIELDS, generator.README}
+
+
+def test_the_check_catches_a_stale_fields_file(generator, monkeypatch, tmp_path, capsys):
+    # cluster/config.py moves a field (here: routing is no longer live) and nobody regenerates
+    monkeypatch.setattr(config, "LIVE_FIELDS", config.LIVE_FIELDS - {"routing"})
+    assert generator.main(["--check"]) == 1
+    assert "stale: helm/moecluster/files/fields.json" in capsys.readouterr().err
+    monkeypatch.undo()
+    # the file is edited by hand, or missing
+    edited = tmp_path / "fields.json"
+    edited.write_text(generator.FIELDS.read_text().replace('"routing",', ""))
+    monkeypatch.setattr(generator, "FIELDS", edited)
+    assert generator.main(["--check"]) == 1
+    assert f"stale: {edited}" in capsys.readouterr().err
+    edited.unlink()
+    assert generator.main(["--check"]) == 1
 
 
 def test_readme_tables_are_current(generator):
@@ -121,6 +153,18 @@ BAD = {
     "unknown key in networkPolicy": (
         {"sets": ["networkPolicy.allowAll=true"]},
         ["at '/networkPolicy'", "additional properties 'allowAll' not allowed"]),
+    "unknown key in the serving group": (
+        {"sets": ["servingGroup.gpus=1"]},
+        ["at '/servingGroup'", "additional properties 'gpus' not allowed"]),
+    "serving group with no room per pod": (
+        {"sets": ["servingGroup.replicasPerPod=0"]},
+        ["at '/servingGroup/replicasPerPod'", "minimum: got 0, want 1"]),
+    "num_replicas with autoscaling": (
+        {"sets": ["serve.num_replicas=3", "serve.autoscaling.max_replicas=4"]},
+        ["at '/serve/num_replicas'", "maximum: got 3, want 1"]),
+    "unknown autoscaling key": (
+        {"sets": ["serve.autoscaling.max=4"]},
+        ["at '/serve/autoscaling'", "additional properties 'max' not allowed"]),
     "download without a repository": (
         {"sets": ["modelStorage.type=download"]},
         ["at '/modelStorage/download/repoId'", "does not match pattern"]),

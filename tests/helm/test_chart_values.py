@@ -62,10 +62,32 @@ def model_mount(objs):
     return next(m for m in worker_container(objs)["volumeMounts"] if m["name"] == "model")
 
 
-def args(objs):
+def app(objs):
     import yaml
 
-    return yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]["args"]
+    return yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]
+
+
+def args(objs):
+    """The application's args: the version's fields of `serve`."""
+    return app(objs)["args"]
+
+
+def deployment(objs):
+    return app(objs)["deployments"][0]
+
+
+def live(objs):
+    """The deployment's user_config: the live fields of `serve`."""
+    return deployment(objs)["user_config"]
+
+
+def serving(objs):
+    return group(objs, "serving")
+
+
+def serving_pod(objs):
+    return serving(objs)["template"]["spec"]
 
 
 def env_of(container, name):
@@ -96,6 +118,7 @@ class Case:
 
 
 PVC = ["modelStorage.type=pvc"]
+SERVING = ["servingGroup.enabled=true"]
 DOWNLOAD = ["modelStorage.type=download", "modelStorage.download.repoId=org/model"]
 AFFINITY = '{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":' \
            '[{"matchExpressions":[{"key":"pool","operator":"In","values":["gpu"]}]}]}}}'
@@ -123,7 +146,8 @@ CASES = [
          {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}),
     Case("scratch.cache.sizeLimit", ["scratch.cache.sizeLimit=5Gi"], lambda o: volume(o, "cache"),
          {"name": "cache", "emptyDir": {"sizeLimit": "5Gi"}}),
-    # serve: ServeConfig fields, into the application's args
+    # serve: ServeConfig fields; the version's into the application's args, the live ones into the deployment's
+    # user_config, the scaling ones into Serve's options
     Case("serve.model_name", ["serve.model_name=qwen3"], lambda o: args(o)["model_name"], "qwen3"),
     Case("serve.dtype", ["serve.dtype=bfloat16"], lambda o: args(o)["dtype"], "bfloat16"),
     Case("serve.num_workers", ["serve.num_workers=6"], lambda o: args(o)["num_workers"], 6),
@@ -131,27 +155,36 @@ CASES = [
     Case("serve.worker_cpus", [], lambda o: args(o)["worker_cpus"], 2.5, set_jsons=["serve.worker_cpus=2.5"]),
     Case("serve.worker_gpus", [], lambda o: args(o)["worker_gpus"], 0.5, set_jsons=["serve.worker_gpus=0.5"]),
     Case("serve.placement", ["serve.placement=by_layer"], lambda o: args(o)["placement"], "by_layer"),
-    Case("serve.expert_replicas", ["serve.expert_replicas.3:7=2"], lambda o: args(o)["expert_replicas"], {"3:7": 2}),
-    Case("serve.routing.policy", ["serve.routing.policy=hash"], lambda o: args(o)["routing"]["policy"], "hash"),
-    Case("serve.routing.overflow", ["serve.routing.overflow=drop"], lambda o: args(o)["routing"]["overflow"], "drop"),
-    Case("serve.routing.hash_seed", ["serve.routing.hash_seed=9"], lambda o: args(o)["routing"]["hash_seed"], 9),
-    Case("serve.rebalance.enabled", ["serve.rebalance.enabled=true"], lambda o: args(o)["rebalance"]["enabled"], True),
+    Case("serve.expert_replicas", ["serve.expert_replicas.3:7=2"], lambda o: live(o)["expert_replicas"], {"3:7": 2}),
+    Case("serve.routing.policy", ["serve.routing.policy=hash"], lambda o: live(o)["routing"]["policy"], "hash"),
+    Case("serve.routing.overflow", ["serve.routing.overflow=drop"], lambda o: live(o)["routing"]["overflow"], "drop"),
+    Case("serve.routing.hash_seed", ["serve.routing.hash_seed=9"], lambda o: live(o)["routing"]["hash_seed"], 9),
+    Case("serve.rebalance.enabled", ["serve.rebalance.enabled=true"], lambda o: live(o)["rebalance"]["enabled"], True),
     Case("serve.rebalance.interval_s", ["serve.rebalance.interval_s=15"],
-         lambda o: args(o)["rebalance"]["interval_s"], 15),
-    Case("serve.rebalance.window_s", ["serve.rebalance.window_s=30"], lambda o: args(o)["rebalance"]["window_s"], 30),
-    Case("serve.expert_timeout_s", ["serve.expert_timeout_s=5"], lambda o: args(o)["expert_timeout_s"], 5),
-    Case("serve.hedge.enabled", ["serve.hedge.enabled=false"], lambda o: args(o)["hedge"]["enabled"], False),
-    Case("serve.hedge.factor", ["serve.hedge.factor=8"], lambda o: args(o)["hedge"]["factor"], 8),
-    Case("serve.hedge.min_ms", ["serve.hedge.min_ms=50"], lambda o: args(o)["hedge"]["min_ms"], 50),
-    Case("serve.hedge.budget", [], lambda o: args(o)["hedge"]["budget"], 0.1, set_jsons=["serve.hedge.budget=0.1"]),
+         lambda o: live(o)["rebalance"]["interval_s"], 15),
+    Case("serve.rebalance.window_s", ["serve.rebalance.window_s=30"], lambda o: live(o)["rebalance"]["window_s"], 30),
+    Case("serve.expert_timeout_s", ["serve.expert_timeout_s=5"], lambda o: live(o)["expert_timeout_s"], 5),
+    Case("serve.hedge.enabled", ["serve.hedge.enabled=false"], lambda o: live(o)["hedge"]["enabled"], False),
+    Case("serve.hedge.factor", ["serve.hedge.factor=8"], lambda o: live(o)["hedge"]["factor"], 8),
+    Case("serve.hedge.min_ms", ["serve.hedge.min_ms=50"], lambda o: live(o)["hedge"]["min_ms"], 50),
+    Case("serve.hedge.budget", [], lambda o: live(o)["hedge"]["budget"], 0.1, set_jsons=["serve.hedge.budget=0.1"]),
     Case("serve.startup_timeout_s", ["serve.startup_timeout_s=900"], lambda o: args(o)["startup_timeout_s"], 900),
-    Case("serve.max_batch_size", ["serve.max_batch_size=8"], lambda o: args(o)["max_batch_size"], 8),
-    Case("serve.max_waiting", ["serve.max_waiting=10"], lambda o: args(o)["max_waiting"], 10),
-    Case("serve.default_max_tokens", ["serve.default_max_tokens=64"], lambda o: args(o)["default_max_tokens"], 64),
-    Case("serve.stream_interval", ["serve.stream_interval=8"], lambda o: args(o)["stream_interval"], 8),
+    Case("serve.max_batch_size", ["serve.max_batch_size=8"], lambda o: live(o)["max_batch_size"], 8),
+    Case("serve.max_waiting", ["serve.max_waiting=10"], lambda o: live(o)["max_waiting"], 10),
+    Case("serve.default_max_tokens", ["serve.default_max_tokens=64"], lambda o: live(o)["default_max_tokens"], 64),
+    Case("serve.stream_interval", ["serve.stream_interval=8"], lambda o: live(o)["stream_interval"], 8),
     Case("serve.model", ["serve.model=/models/checkpoint/v2"], lambda o: args(o)["model"], "/models/checkpoint/v2"),
-    Case("serve.routing.capacity_factor", [], lambda o: args(o)["routing"]["capacity_factor"], 1.5,
+    Case("serve.routing.capacity_factor", [], lambda o: live(o)["routing"]["capacity_factor"], 1.5,
          set_jsons=["serve.routing.capacity_factor=1.5"]),
+    Case("serve.num_replicas", ["serve.num_replicas=3"], lambda o: deployment(o)["num_replicas"], 3),
+    Case("serve.autoscaling", [], lambda o: ("num_replicas" in deployment(o), deployment(o)["autoscaling_config"]),
+         (False, {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 8, "upscale_delay_s": 5,
+                  "downscale_delay_s": 60}),
+         set_jsons=['serve.autoscaling={"min_replicas":2,"max_replicas":6,"target_ongoing_requests":8}']),
+    Case("serve.limits.max_n", ["serve.limits.max_n=4"], lambda o: (live(o)["limits"], "limits" in args(o)),
+         ({"max_n": 4}, False)),
+    Case("serve.limits.frame_message_bytes", ["serve.limits.frame_message_bytes=1048576"],
+         lambda o: (args(o)["limits"], "limits" in live(o)), ({"frame_message_bytes": 1048576}, False)),
     # modelStorage
     Case("modelStorage.type", ["modelStorage.type=hostPath"], lambda o: "hostPath" in model_volume(o), True),
     Case("modelStorage.mountPath", ["modelStorage.mountPath=/srv/model"], lambda o: model_mount(o)["mountPath"],
@@ -233,6 +266,30 @@ CASES = [
          lambda o: (group(o, "h100")["template"]["metadata"]["labels"]["moecluster.io/expert-group"],
                     group(o, "h100")["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]),
          ("h100", 8)),
+    # the serving group
+    Case("servingGroup.enabled", ["servingGroup.enabled=true"], lambda o: serving(o)["rayStartParams"]["resources"],
+         '"{\\"moecluster-serving\\": 1}"'),
+    Case("servingGroup.replicas", SERVING + ["servingGroup.replicas=2"], lambda o: serving(o)["replicas"], 2),
+    Case("servingGroup.minReplicas", SERVING + ["servingGroup.minReplicas=1"], lambda o: serving(o)["minReplicas"], 1),
+    Case("servingGroup.maxReplicas", SERVING + ["servingGroup.maxReplicas=8"], lambda o: serving(o)["maxReplicas"], 8),
+    Case("servingGroup.replicasPerPod", SERVING + ["servingGroup.replicasPerPod=3"],
+         lambda o: serving(o)["rayStartParams"], {"num-cpus": "3", "resources": '"{\\"moecluster-serving\\": 3}"'}),
+    Case("servingGroup.rayStartParams", SERVING, lambda o: serving(o)["rayStartParams"]["num-cpus"], "2",
+         set_strings=["servingGroup.rayStartParams.num-cpus=2"]),
+    Case("servingGroup.resources", SERVING + ["servingGroup.resources.limits.memory=32Gi"],
+         lambda o: serving_pod(o)["containers"][0]["resources"]["limits"]["memory"], "32Gi"),
+    Case("servingGroup.nodeSelector", SERVING + ["servingGroup.nodeSelector.pool=cpu"],
+         lambda o: serving_pod(o)["nodeSelector"], {"pool": "cpu"}),
+    Case("servingGroup.tolerations", SERVING + ["servingGroup.tolerations[0].key=dedicated",
+                                                "servingGroup.tolerations[0].operator=Exists"],
+         lambda o: serving_pod(o)["tolerations"], [{"key": "dedicated", "operator": "Exists"}]),
+    Case("servingGroup.affinity", SERVING, lambda o: serving_pod(o)["affinity"]["nodeAffinity"]
+         ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0]["key"],
+         "pool", set_jsons=[f"servingGroup.affinity={AFFINITY}"]),
+    Case("servingGroup.labels", SERVING + ["servingGroup.labels.tier=spot"],
+         lambda o: serving(o)["template"]["metadata"]["labels"]["tier"], "spot"),
+    Case("servingGroup.annotations", SERVING + ["servingGroup.annotations.owner=ml"],
+         lambda o: serving(o)["template"]["metadata"]["annotations"], {"owner": "ml"}),
     # autoscaling, TLS
     Case("autoscaling.enabled", ["autoscaling.enabled=true"], lambda o: cluster(o)["enableInTreeAutoscaling"], True),
     Case("autoscaling.options", ["autoscaling.enabled=true", "autoscaling.options.idleTimeoutSeconds=120"],

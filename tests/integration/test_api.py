@@ -101,9 +101,10 @@ def test_malformed_http_body_is_400(app):
 
 
 def test_lost_expert_worker_fails_requests_with_unavailable(app, inference_stub):
+    from cluster.control import ops
     from cluster.control.workers import NAMESPACE, worker_name
 
-    ray.kill(ray.get_actor(worker_name(APP, 1), namespace=NAMESPACE))
+    ray.kill(ray.get_actor(worker_name(ops.status(APP)["scope"], 1), namespace=NAMESPACE))
     with pytest.raises(grpc.RpcError) as info:
         generate(inference_stub, APP, prompt="Hello", max_tokens=4, timeout=60)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "expert worker" in info.value.details()

@@ -70,7 +70,7 @@ def test_scale_an_expert_1_3_1_while_streams_generate(app, inference_stub, expec
 
 def test_killed_worker_is_routed_around_and_replaced(app, inference_stub, expected):
     ops.scale({"0:3": 2}, APP)  # every expert has a second replica to fail over to
-    victim = ray.get_actor(worker_name(APP, 1), namespace=NAMESPACE)
+    victim = ray.get_actor(worker_name(ops.status(APP)["scope"], 1), namespace=NAMESPACE)
     assert run_streams(inference_stub, during=lambda: ray.kill(victim)) == expected
     wait_until(lambda: all(w["alive"] for w in ops.status(APP)["workers"]), what="the worker to come back")
     status = ops.status(APP)

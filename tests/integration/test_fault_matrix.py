@@ -184,7 +184,7 @@ def test_slow_worker_on_a_duty_cycle(app, inference_stub, expected):
 
 
 def test_worker_answering_malformed_replies(app, inference_stub, expected):
-    worker = ray.get_actor(worker_name(APP, 0), namespace=NAMESPACE)
+    worker = ray.get_actor(worker_name(ops.status(APP)["scope"], 0), namespace=NAMESPACE)
 
     def corrupt_for_a_while():
         ray.get(worker.inject_fault.remote(True))

@@ -35,21 +35,119 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
-{{/* The custom Ray resource that only the head offers: it pins the Serve replica there. */}}
+{{/*
+The custom Ray resource each serving replica asks for one unit of: the head offers one, each pod of the serving
+group (servingGroup) servingGroup.replicasPerPod. It keeps the serving replicas off the expert groups' pods.
+*/}}
 {{- define "moecluster.servingResource" -}}
 moecluster-serving
 {{- end }}
 
-{{/* The Serve application's args: the `serve` values (ServeConfig fields), model defaulting to the mount path. */}}
+{{/* `rayStartParams.resources` offering `n` units of the serving resource (KubeRay's quoted JSON); a dict: root, n. */}}
+{{- define "moecluster.servingResourceParam" -}}
+{{- printf "\"{\\\"%s\\\": %d}\"" (include "moecluster.servingResource" .root) (int .n) | squote }}
+{{- end }}
+
+{{/*
+How a change of each `serve` field reaches the cluster, as JSON (files/fields.json, generated from cluster/config.py
+by hack/generate.py): live (the deployment's user_config), scaling (Serve's num_replicas / autoscaling_config),
+worker_limits (the `limits` keys that, like every field in neither list, belong to the version: the application's
+args), autoscaling_defaults (ServeConfig's). Read it with `include "moecluster.fields" . | fromJson`.
+*/}}
+{{- define "moecluster.fields" -}}
+{{- $fields := .Files.Get "files/fields.json" }}
+{{- if not $fields }}
+{{- fail "files/fields.json is missing: run python helm/moecluster/hack/generate.py" }}
+{{- end }}
+{{- $fields }}
+{{- end }}
+
+{{/*
+The Serve application's args: the version's fields of `serve` (neither live nor scaling) and, of `limits`, only the
+worker limits; `model` defaults to the mount path. Serve hashes the args into the code version, so any change of
+them rolls out a new version: live values must stay out of them (a change of those leaves the args identical).
+*/}}
 {{- define "moecluster.serveArgs" -}}
-{{- $args := deepCopy .Values.serve }}
+{{- $fields := include "moecluster.fields" . | fromJson }}
+{{- $args := dict }}
+{{- range $key, $value := .Values.serve }}
+{{- if and (not (has $key $fields.live)) (not (has $key $fields.scaling)) }}
+{{- $_ := set $args $key $value }}
+{{- end }}
+{{- end }}
 {{- if not $args.model }}
 {{- $_ := set $args "model" .Values.modelStorage.mountPath }}
+{{- end }}
+{{- $limits := dict }}
+{{- if kindIs "map" .Values.serve.limits }}
+{{- range $key, $value := .Values.serve.limits }}
+{{- if has $key $fields.worker_limits }}
+{{- $_ := set $limits $key $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $limits }}
+{{- $_ := set $args "limits" $limits }}
 {{- end }}
 {{- toYaml $args }}
 {{- end }}
 
-{{/* Ray Serve's config (serveConfigV2): HTTP on 8000, the gRPC ingress on 9000, the application. */}}
+{{/*
+The deployment's user_config: the live fields set in `serve` (of `limits`, all but the worker limits), which every
+serving replica applies in place (its reconfigure); empty when none is set.
+*/}}
+{{- define "moecluster.serveUserConfig" -}}
+{{- $fields := include "moecluster.fields" . | fromJson }}
+{{- $live := dict }}
+{{- range $key, $value := .Values.serve }}
+{{- if and (has $key $fields.live) (ne $key "limits") }}
+{{- $_ := set $live $key $value }}
+{{- end }}
+{{- end }}
+{{- $limits := dict }}
+{{- if kindIs "map" .Values.serve.limits }}
+{{- range $key, $value := .Values.serve.limits }}
+{{- if not (has $key $fields.worker_limits) }}
+{{- $_ := set $limits $key $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $limits }}
+{{- $_ := set $live "limits" $limits }}
+{{- end }}
+{{- if $live }}
+{{- toYaml $live }}
+{{- end }}
+{{- end }}
+
+{{/*
+Serve's options for the number of serving replicas: autoscaling_config from `serve.autoscaling` (its unset keys take
+ServeConfig's defaults, not Serve's) when set, else num_replicas. ServeConfig refuses both (so does the schema).
+*/}}
+{{- define "moecluster.serveScaling" -}}
+{{- $serve := .Values.serve }}
+{{- $replicas := $serve.num_replicas | default 1 | int }}
+{{- if kindIs "map" $serve.autoscaling }}
+{{- if gt $replicas 1 }}
+{{- fail (printf "serve: set num_replicas (%d) or autoscaling, not both" $replicas) }}
+{{- end }}
+{{- $fields := include "moecluster.fields" . | fromJson }}
+{{- $scaling := mergeOverwrite (deepCopy $fields.autoscaling_defaults) (deepCopy $serve.autoscaling) }}
+{{- if lt (float64 $scaling.max_replicas) (float64 $scaling.min_replicas) }}
+{{- fail (printf "serve.autoscaling: max_replicas (%v) is below min_replicas (%v)" $scaling.max_replicas $scaling.min_replicas) }}
+{{- end }}
+autoscaling_config:
+  {{- toYaml $scaling | nindent 2 }}
+{{- else }}
+num_replicas: {{ $replicas }}
+{{- end }}
+{{- end }}
+
+{{/*
+Ray Serve's config (serveConfigV2): HTTP on 8000, the gRPC ingress on 9000, the application. How a change reaches
+the cluster: the args (version fields) roll out a new version; user_config (live fields) is applied in place by
+every replica; num_replicas / autoscaling_config are Serve's own and add or remove replicas.
+*/}}
 {{- define "moecluster.serveConfig" -}}
 http_options:
   host: 0.0.0.0
@@ -68,6 +166,11 @@ applications:
       {{- include "moecluster.serveArgs" . | nindent 6 }}
     deployments:
       - name: MoEServer
+        {{- include "moecluster.serveScaling" . | trim | nindent 8 }}
+        {{- with include "moecluster.serveUserConfig" . }}
+        user_config:
+          {{- . | nindent 10 }}
+        {{- end }}
         ray_actor_options:
           num_cpus: 1
           resources:
