@@ -86,9 +86,10 @@ def tokens(responses) -> list[int]:
 
 def pytest_terminal_summary(terminalreporter):
     from tests.integration.faults import summary
+    from tests.integration.test_rollouts import SUMMARY
 
-    lines = summary()
-    if lines:
-        terminalreporter.section("fault matrix")
-        for line in lines:
-            terminalreporter.write_line(line)
+    for title, lines in (("fault matrix", summary()), ("rollouts under load", SUMMARY)):
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)

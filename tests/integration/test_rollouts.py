@@ -27,6 +27,7 @@ APP = "rollout"
 PROMPTS = [f"rollout {i}: one version at a time" for i in range(4)]
 MAX_TOKENS = 12
 SLOWEST_S = 3.0  # no request may take longer, through any change
+SUMMARY: list[str] = []  # one line per change, printed at the end of the session (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +109,17 @@ class Load:
                 out = f"{error.code().name}: {error.details()}"
             self.outcomes.append((prompt, out, time.monotonic() - started))
 
-    def check(self, expected: dict, *models: str) -> None:
+    def check(self, change: str, expected: dict, *models: str) -> None:
         """Every request succeeded, within SLOWEST_S, with one of `models`' outputs."""
         assert self.outcomes
         failed = [(p, out) for p, out, _ in self.outcomes if isinstance(out, str)]
-        assert not failed, failed[:3]
         mixed = [(p, out) for p, out, _ in self.outcomes if all(out != expected[m][p] for m in models)]
-        assert not mixed, f"{len(mixed)} of {len(self.outcomes)} answers are none of {models}'s: {mixed[:2]}"
         slowest = max(seconds for _, _, seconds in self.outcomes)
+        served = ", ".join(f"{m} {self.served(expected, m)}" for m in models)
+        SUMMARY.append(f"{change}: {len(self.outcomes)} requests ({served}), {len(failed)} failed, "
+                       f"{len(mixed)} neither, slowest {slowest:.2f}s")
+        assert not failed, failed[:3]
+        assert not mixed, f"{len(mixed)} of {len(self.outcomes)} answers are none of {models}'s: {mixed[:2]}"
         assert slowest < SLOWEST_S, f"the slowest of {len(self.outcomes)} requests took {slowest:.1f}s"
 
     def served(self, expected: dict, model: str) -> int:
@@ -157,7 +161,7 @@ def test_live_fields_apply_in_place(values, inference_stub, expected):
         latest = len(load.outcomes)
         time.sleep(2.0)
     load.outcomes = load.outcomes[latest:]  # the hash policy's answers are not the model's
-    load.check(expected, "A")
+    load.check(f"live fields (applied in {applied_s:.1f}s), then routing back", expected, "A")
     assert router_pids() == pids
 
 
@@ -175,7 +179,7 @@ def test_a_new_model_rolls_out_with_no_mixed_answers(replicas, values, inference
         apply(values)
         wait_until(lambda: settled() and ops.status(APP)["scope"] != old, what=f"model {target} to serve")
         time.sleep(1.0)
-    load.check(expected, source, target)
+    load.check(f"model {source} -> {target}, {replicas} serving replicas", expected, source, target)
     assert load.served(expected, target) > 0
     wait_until(lambda: not any(g["name"].startswith(old) and g["state"] != "REMOVED"
                                for g in ray.util.placement_group_table().values()),
@@ -191,7 +195,7 @@ def test_more_workers_roll_out_a_version(values, inference_stub, expected, model
         apply(values)
         wait_until(lambda: settled() and len(ops.status(APP)["workers"]) == 3, what="3 expert workers")
         time.sleep(1.0)
-    load.check(expected, "A")
+    load.check("num_workers 2 -> 3", expected, "A")
 
 
 def test_serving_replicas_autoscale_with_load(values, inference_stub, expected):
@@ -201,6 +205,6 @@ def test_serving_replicas_autoscale_with_load(values, inference_stub, expected):
     apply(values)
     wait_until(lambda: settled() and len(ops.status(APP)["routers"]) == 1, what="one serving replica")
     with Load(inference_stub) as load:
-        wait_until(lambda: len(ops.status(APP)["routers"]) == 2, timeout=120, what="a second serving replica")
-    load.check(expected, "A")
+        up_s = wait_until(lambda: len(ops.status(APP)["routers"]) == 2, timeout=120, what="a second serving replica")
+    load.check(f"autoscaling 1 -> 2 serving replicas (in {up_s:.0f}s)", expected, "A")
     wait_until(lambda: len(ops.status(APP)["routers"]) == 1, timeout=120, what="back to one serving replica")
