@@ -85,10 +85,9 @@ def tokens(responses) -> list[int]:
 
 
 def pytest_terminal_summary(terminalreporter):
-    from tests.integration.faults import summary
-    from tests.integration.test_rollouts import SUMMARY
+    from tests.integration.faults import CHANGES, summary
 
-    for title, lines in (("fault matrix", summary()), ("rollouts under load", SUMMARY)):
+    for title, lines in (("fault matrix", summary()), ("rollouts under load", CHANGES)):
         if lines:
             terminalreporter.section(title)
             for line in lines:

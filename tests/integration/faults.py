@@ -1,4 +1,5 @@
-"""Faults done to real processes, and the matrix of what each cost, printed at the end of the session."""
+"""Faults done to real processes, and changes made to a running deployment: what each cost, printed at the end of
+the session."""
 
 import os
 import signal
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MATRIX: list["Row"] = []
+CHANGES: list[str] = []  # one line per change of test_rollouts
 
 
 @dataclass

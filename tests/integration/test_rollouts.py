@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from cluster.control import ops
 from cluster.demo_model import init_model
 from tests.helm.conftest import render_serve_config
+from tests.integration import faults
 from tests.integration.conftest import HEAD, generate, tokens
 from tests.reference import greedy, transformers_model
 
@@ -27,7 +28,6 @@ APP = "rollout"
 PROMPTS = [f"rollout {i}: one version at a time" for i in range(4)]
 MAX_TOKENS = 12
 SLOWEST_S = 3.0  # no request may take longer, through any change
-SUMMARY: list[str] = []  # one line per change, printed at the end of the session (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ class Load:
         mixed = [(p, out) for p, out, _ in self.outcomes if all(out != expected[m][p] for m in models)]
         slowest = max(seconds for _, _, seconds in self.outcomes)
         served = ", ".join(f"{m} {self.served(expected, m)}" for m in models)
-        SUMMARY.append(f"{change}: {len(self.outcomes)} requests ({served}), {len(failed)} failed, "
+        faults.CHANGES.append(f"{change}: {len(self.outcomes)} requests ({served}), {len(failed)} failed, "
                        f"{len(mixed)} neither, slowest {slowest:.2f}s")
         assert not failed, failed[:3]
         assert not mixed, f"{len(mixed)} of {len(self.outcomes)} answers are none of {models}'s: {mixed[:2]}"
