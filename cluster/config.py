@@ -52,6 +52,16 @@ class HedgeConfig(_Strict):
     )
 
 
+class CallDeadlineConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Where every expert of a layer has another replica, give a worker's share a multiple of "
+        "the layer's recent p99 instead of the whole expert_timeout_s: a silent worker (a host cut off, a process "
+        "stopped) is then ejected and its share sent to the other replicas within about a second.",
+    )
+    factor: float = Field(8.0, gt=1, description="The deadline is this many times the layer's recent p99 call.")
+    floor_ms: float = Field(1000.0, gt=0, description="Never less than this (milliseconds).")
+
+
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body; a larger one is a 400.")
     max_prompt_tokens: int | None = Field(
@@ -129,7 +139,11 @@ class ServeConfig(_Strict):
     )
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
-    expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of each router-to-worker call.")
+    expert_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of each router-to-worker call; where an expert has other replicas, "
+        "call_deadline shortens it.",
+    )
+    call_deadline: CallDeadlineConfig = Field(default_factory=CallDeadlineConfig)
     hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     startup_timeout_s: float = Field(300.0, gt=0, description="How long workers may take to be placed and load.")
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together in one step, over all lanes.")
@@ -171,7 +185,7 @@ def choices(model: type[BaseModel], field: str) -> tuple[str, ...]:
 # How a change of each field reaches a running deployment. Every field not named here belongs to the version: it
 # shapes the expert workers or the serving replica's process, so a change rolls out a new version beside the old.
 LIVE_FIELDS = frozenset({
-    "default_replicas", "expert_replicas", "routing", "rebalance", "expert_timeout_s", "hedge",
+    "default_replicas", "expert_replicas", "routing", "rebalance", "expert_timeout_s", "call_deadline", "hedge",
     "max_batch_size", "max_waiting", "stream_interval", "default_max_tokens", "api_keys_file", "limits",
     "metrics_open",
 })  # applied in place by every replica (Serve's user_config)

@@ -15,7 +15,7 @@ from experts.bank import ExpertBank, ExpertNotHosted
 from experts.threads import use_process_threads
 from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
-from protos.wire.grpc_options import message_size
+from protos.wire.grpc_options import WORKER_KEEPALIVE, message_size
 from protos.wire.tensor import from_proto, to_proto
 from protos.wire.unix_stream import DEFAULT_LIMITS, CallFailed, FrameLimits
 
@@ -77,7 +77,7 @@ class ExpertServer:
                  limits: FrameLimits = DEFAULT_LIMITS):
         self.servicer = ExpertServicer(bank)
         pool = futures.ThreadPoolExecutor(max_workers=threads, initializer=use_process_threads)
-        self.grpc = grpc.server(pool, options=message_size(limits), interceptors=[RequireKey(key)])
+        self.grpc = grpc.server(pool, options=message_size(limits) + WORKER_KEEPALIVE, interceptors=[RequireKey(key)])
         expert_pb2_grpc.add_ExpertServicer_to_server(self.servicer, self.grpc)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)

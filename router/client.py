@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from protos import expert_pb2, expert_pb2_grpc
 from protos.wire import unix_stream
-from protos.wire.grpc_options import KEY_METADATA, message_size
+from protos.wire.grpc_options import KEY_METADATA, ROUTER_KEEPALIVE, message_size
 from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 from router.hedge import Hedge
@@ -88,15 +88,18 @@ class ExpertClient:
             return dict(self._outstanding)
 
     def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str],
-                hedge: Hedge | None = None) -> LayerReplies:
+                hedge: Hedge | None = None, timeout_s: float | None = None) -> LayerReplies:
         """[S, D] rows in dispatch order, one call per worker, all in flight at once. With `hedge`, a call that has
-        not answered after `hedge.after_s` races a copy of its share sent to other replicas of its experts."""
+        not answered after `hedge.after_s` races a copy of its share sent to other replicas of its experts.
+        `timeout_s`: this call's deadline, at most the client's (unset: the client's)."""
+        timeout_s = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
         calls, start, sent = [], 0, time.monotonic()
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
-            calls.append(self._call(layer, worker, addresses[worker], experts, counts, start, rows[start:end]))
+            calls.append(self._call(layer, worker, addresses[worker], experts, counts, start, rows[start:end],
+                                    timeout_s))
             start = end
-        deadline = sent + self.timeout_s
+        deadline = sent + timeout_s
         self._track(calls, +1)
         replies, late = LayerReplies(torch.empty_like(rows)), []
         try:
@@ -111,8 +114,8 @@ class ExpertClient:
             self._track(calls, -1)
         return replies
 
-    def _call(self, layer, worker, address, experts, counts, start, rows) -> "_Call":
-        sent, handle = time.monotonic(), self._start(address, layer, experts, counts, rows, self.timeout_s)
+    def _call(self, layer, worker, address, experts, counts, start, rows, timeout_s) -> "_Call":
+        sent, handle = time.monotonic(), self._start(address, layer, experts, counts, rows, timeout_s)
         return _Call(worker, address, list(experts), list(counts), start, start + len(rows), handle, sent)
 
     def _collect(self, replies: LayerReplies, layer: int, call: "_Call", deadline: float) -> bool:
@@ -132,7 +135,7 @@ class ExpertClient:
     def _race(self, replies, layer, call: "_Call", deadline, hedge: Hedge, addresses, rows, late) -> None:
         """`call` against a hedge of its share on other replicas: the first complete answer is kept, and the
         loser's connection dropped (its late reply would put the stream out of step)."""
-        hedges = self._hedge(layer, call, hedge, addresses, rows, late)
+        hedges = self._hedge(layer, call, hedge, addresses, rows, late, deadline)
         if not hedges:
             self._collect(replies, layer, call, deadline)
             return
@@ -155,7 +158,8 @@ class ExpertClient:
         finally:
             self._track(hedges, -1)
 
-    def _hedge(self, layer, call: "_Call", hedge: Hedge, addresses, rows, late: list["_Call"]) -> list["_Call"]:
+    def _hedge(self, layer, call: "_Call", hedge: Hedge, addresses, rows, late: list["_Call"],
+               deadline: float) -> list["_Call"]:
         """Calls carrying `call`'s share to other replicas, one per expert; none when it cannot be rerouted. Workers
         with a reply still unread on this thread's sockets are not used."""
         route = hedge.reroute(call.experts, {c.worker for c in late})
@@ -165,7 +169,7 @@ class ExpertClient:
         for expert, count in zip(call.experts, call.counts):
             worker = route[expert]
             hedges.append(self._call(layer, worker, addresses[worker], [expert], [count], start,
-                                     rows[start:start + count]))
+                                     rows[start:start + count], max(deadline - time.monotonic(), 1e-3)))
             start += count
         return hedges
 
@@ -253,7 +257,7 @@ class ExpertClient:
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         if address not in self._stubs:
-            self._channels[address] = grpc.insecure_channel(address, options=message_size(self.limits))
+            self._channels[address] = grpc.insecure_channel(address, options=message_size(self.limits) + ROUTER_KEEPALIVE)
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
         return self._stubs[address]
 

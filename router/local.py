@@ -28,7 +28,8 @@ class LocalExperts:
     def drain_counters(self) -> dict[str, int]:
         return {}  # no hedges in one process
 
-    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses, hedge=None):
+    def forward(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses, hedge=None, timeout_s=None):
+        """The client's call, in this process: nothing to hedge or time out."""
         started, outs, start = time.perf_counter(), [], 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)

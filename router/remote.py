@@ -16,6 +16,7 @@ from experts.keys import expert_key
 from router.client import ExpertCallError
 from router.dispatch import Dispatch, combine, plan_dispatch
 from router.health import WorkerHealth
+from router.deadline import CallDeadlines
 from router.hedge import Hedge, HedgePolicy
 from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
@@ -29,9 +30,12 @@ class ExpertRouter:
     readmitted when they answer."""
 
     def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None,
-                 health: WorkerHealth | None = None, probe_timeout_s: float = 1.0, hedging: HedgePolicy | None = None):
-        """`hedging` None: a slow worker's share waits for it (or its deadline), never raced elsewhere."""
+                 health: WorkerHealth | None = None, probe_timeout_s: float = 1.0, hedging: HedgePolicy | None = None,
+                 deadlines: CallDeadlines | None = None):
+        """`hedging` None: a slow worker's share waits for it (or its deadline), never raced elsewhere.
+        `deadlines` None: every call waits the client's whole deadline."""
         self.table, self.client = table, client
+        self.deadlines = deadlines
         self.policy = policy or RoutingPolicy()
         self.health = health or WorkerHealth()
         self.hedging = hedging
@@ -93,10 +97,11 @@ class ExpertRouter:
             sent_pairs = pending[dispatch.order]  # [P] in dispatch order
             rows = hidden.index_select(0, sent_pairs // top_k)
             sent = time.perf_counter()
-            replies = self.client.forward(layer, dispatch, rows, table.addresses, self._hedge(layer, table))
+            replies = self.client.forward(layer, dispatch, rows, table.addresses, self._hedge(layer, table),
+                                          self._timeout_s(layer, table))
             waited += time.perf_counter() - sent
-            if self.hedging is not None and not replies.failed:
-                self.hedging.observe(layer, time.perf_counter() - sent)
+            if not replies.failed:
+                self._observe(layer, time.perf_counter() - sent)
             compute_s += replies.compute_s
             self._count_workers(dispatch)
             if not replies.failed:  # the usual case: one scatter, no masks
@@ -114,6 +119,15 @@ class ExpertRouter:
                 with self._stats_lock:
                     self.counters["retries"] += int(pending.numel())
         return out, waited, compute_s
+
+    def _timeout_s(self, layer: int, table: RoutingTable) -> float | None:
+        return self.deadlines.timeout_s(layer, layer in table.replicated) if self.deadlines is not None else None
+
+    def _observe(self, layer: int, seconds: float) -> None:
+        if self.hedging is not None:
+            self.hedging.observe(layer, seconds)
+        if self.deadlines is not None:
+            self.deadlines.observe(layer, seconds)
 
     def _plan(self, layer: int, table: RoutingTable, experts: torch.Tensor) -> Dispatch:
         ejected = self.health.ejected()

@@ -10,10 +10,12 @@ class RoutingTable:
     replicas: dict[int, list[list[int]]] = field(default_factory=dict)  # layer -> per expert, workers hosting it
     gone: frozenset[int] = frozenset()  # workers of the plan that are dead and not yet replaced
     hedgeable: frozenset[int] = field(init=False)  # layers where some expert has 2 or more replicas
+    replicated: frozenset[int] = field(init=False)  # layers where every expert has 2 or more replicas
 
     def __post_init__(self):
-        layers = frozenset(layer for layer, hosts in self.replicas.items() if any(len(w) > 1 for w in hosts))
-        object.__setattr__(self, "hedgeable", layers)
+        hosts_of = self.replicas.items()
+        object.__setattr__(self, "hedgeable", frozenset(l for l, hosts in hosts_of if any(len(w) > 1 for w in hosts)))
+        object.__setattr__(self, "replicated", frozenset(l for l, hosts in hosts_of if all(len(w) > 1 for w in hosts)))
 
     @classmethod
     def from_plan(cls, version: int, plan: list[list[tuple[int, int]]], addresses: dict[int, str],

@@ -50,6 +50,7 @@ from experts.threads import usable_cores
 from protos import inference_pb2
 from protos.wire.unix_stream import FrameLimits
 from router.client import ExpertClient
+from router.deadline import CallDeadlines
 from router.hedge import HedgePolicy
 from router.model import load_dense_model
 from router.remote import ExpertRouter
@@ -89,6 +90,13 @@ def hedge_policy(config: HedgeConfig) -> HedgePolicy | None:
     if not config.enabled:
         return None
     return HedgePolicy(factor=config.factor, min_s=config.min_ms / 1e3, budget=config.budget)
+
+
+def call_deadlines(config: ServeConfig) -> CallDeadlines | None:
+    deadline = config.call_deadline
+    if not deadline.enabled:
+        return None
+    return CallDeadlines(config.expert_timeout_s, factor=deadline.factor, floor_s=deadline.floor_ms / 1e3)
 
 
 @serve.deployment(max_ongoing_requests=1024,
@@ -147,6 +155,7 @@ class MoEServer:
         self.connections.limit = config.limits.streams_per_connection
         self.router.policy = routing_policy(self.model, self.model_dir, config.routing)
         self.router.hedging = hedge_policy(config.hedge)
+        self.router.deadlines = call_deadlines(config)
         self.router.client.timeout_s = config.expert_timeout_s
         self.engine.max_batch_size = config.max_batch_size
         self.engine.resize_queue(config.max_waiting)

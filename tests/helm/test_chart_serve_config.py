@@ -18,6 +18,7 @@ CHANGES = {
     "routing": {"policy": "hash", "hash_seed": 5, "capacity_factor": 1.5},
     "rebalance": {"enabled": True, "interval_s": 30.0},
     "expert_timeout_s": 5.0,
+    "call_deadline": {"factor": 4.0, "floor_ms": 500.0},
     "hedge": {"enabled": False},
     "max_batch_size": 8,
     "max_waiting": 10,

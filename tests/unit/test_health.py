@@ -79,7 +79,7 @@ class FakeWorkers:
     def drain_counters(self):
         return {}
 
-    def forward(self, layer, dispatch, rows, addresses, hedge=None):
+    def forward(self, layer, dispatch, rows, addresses, hedge=None, timeout_s=None):
         replies, start = LayerReplies(torch.empty_like(rows)), 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
