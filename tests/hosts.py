@@ -27,6 +27,7 @@ SUBNET = "10.77.0"
 BRIDGE = "mcbr0"
 HEAD_IP = f"{SUBNET}.1"
 GCS_PORT = 6390
+OBJECT_STORE = f"--object-store-memory={256 << 20}"
 SERVING = "moecluster-serving"  # the custom resource only the head offers: the serving replica runs there
 
 
@@ -85,11 +86,12 @@ class Hosts:
     def link(name: str) -> str:
         return f"mc-v{name.removeprefix('mc-h')}"
 
-    def start(self, command: list[str], env: dict, netns: str | None = None) -> subprocess.Popen:
+    def start(self, command: list[str], env: dict, log: Path, netns: str | None = None) -> subprocess.Popen:
         """`command` on host `netns` (None: the head's), in a session of its own, stopped on exit."""
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        process = subprocess.Popen([*prefix, *command], env=env, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(log, "ab") as out:
+            process = subprocess.Popen([*prefix, *command], env=env, start_new_session=True, stdout=out,
+                                       stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
 
@@ -120,13 +122,28 @@ def ray_cluster(hosts: Hosts, temp_dir: str, node_cpus: int = 2) -> dict:
     env.pop("RAY_ADDRESS", None)
     ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats"]
     hosts.start([*ray, "--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", "--num-cpus=0",
-                 f"--resources={json.dumps({SERVING: 1})}", "--include-dashboard=false",
-                 f"--temp-dir={temp_dir}"], env)
+                 f"--resources={json.dumps({SERVING: 1})}", "--include-dashboard=false", OBJECT_STORE,
+                 f"--temp-dir={temp_dir}"], env, Path(temp_dir) / "head.log")
     _wait_port(HEAD_IP, GCS_PORT)
-    for name in hosts.names:
+    for name in hosts.names:  # one at a time: nodes that start together on two cores time out
+        log = Path(temp_dir) / f"{name}.log"
         hosts.start([*ray, f"--address={HEAD_IP}:{GCS_PORT}", f"--node-ip-address={hosts.addresses[name]}",
-                     f"--num-cpus={node_cpus}"], env, netns=name)
+                     f"--num-cpus={node_cpus}", OBJECT_STORE], env, log, netns=name)
+        _wait_started(log)
     return env
+
+
+def _wait_started(log: Path, timeout_s: float = 120.0) -> None:
+    """Until `ray start --block` logged that its node runs; its log's tail if it failed or timed out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if "block forever" in text:
+            return
+        if "Traceback" in text:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(f"a Ray node did not start ({log}):\n{log.read_text(errors='replace')[-2000:]}")
 
 
 def _wait_port(host: str, port: int, timeout_s: float = 60.0) -> None:
@@ -146,9 +163,10 @@ PROMPTS = [f"host {i}: experts keep serving" for i in range(8)]
 MAX_TOKENS = 16
 
 
-def scenario(cut_s: float, hosts_env: dict, hosts: Hosts) -> dict:
+def scenario(cut_s: float, hosts_env: dict, hosts: Hosts, call_deadline: bool = True) -> dict:
     """Serve with 3 workers (one per host) and 2 replicas of every expert at the default expert deadline, drive 8
     closed-loop greedy streams, cut one worker's host off for `cut_s`, restore it; report what it cost."""
+    os.environ.update({k: hosts_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # before Ray reads them
     import grpc
     import ray
     from ray import serve
@@ -160,14 +178,14 @@ def scenario(cut_s: float, hosts_env: dict, hosts: Hosts) -> dict:
     from cluster.serving.grpc_api import SERVICERS
     from protos import inference_pb2, inference_pb2_grpc
 
-    os.environ.update({k: hosts_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
     ray.init(address=f"{HEAD_IP}:{GCS_PORT}", log_to_driver=False)
     names, addresses = hosts.names, hosts.addresses
     wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == len(names) + 1, 60, "every host's Ray node")
     grpc_port = 9300
     serve.start(proxy_location="HeadOnly", http_options={"host": HEAD_IP, "port": 8300},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICERS))
-    config = ServeConfig(num_workers=len(names), default_replicas=2, dtype="float32")
+    config = ServeConfig(num_workers=len(names), default_replicas=2, dtype="float32",
+                         call_deadline={"enabled": call_deadline})
     serve.run(application(config, ray_actor_options={"num_cpus": 0, "resources": {SERVING: 1}}), name="hosts",
               route_prefix="/hosts")
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"{HEAD_IP}:{grpc_port}"))
@@ -175,8 +193,9 @@ def scenario(cut_s: float, hosts_env: dict, hosts: Hosts) -> dict:
     def one(prompt):
         started = time.monotonic()
         try:
-            out = [t for r in stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS),
-                                             timeout=60, metadata=[("application", "hosts")]) for t in r.token_ids]
+            request = inference_pb2.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+            out = [t for r in stub.Generate(request, timeout=60, metadata=[("application", "hosts")])
+                   for t in r.token_ids]
         except grpc.RpcError as error:
             out = f"{error.code().name}: {error.details()}"
         return out, started, time.monotonic()
@@ -191,7 +210,7 @@ def scenario(cut_s: float, hosts_env: dict, hosts: Hosts) -> dict:
         while not done.is_set():
             outcomes.append((prompt, *one(prompt)))
 
-    report = {"hosts": len(names), "cut_s": cut_s, "victim": victim}
+    report = {"hosts": len(names), "cut_s": cut_s, "victim": victim, "call_deadline": call_deadline}
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(stream, p) for p in PROMPTS]
         time.sleep(3.0)
@@ -237,6 +256,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--cut-s", type=float, default=30.0)
+    parser.add_argument("--no-call-deadline", action="store_true",
+                        help="every call waits the whole expert deadline (how it was before call_deadline)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     why_not = can_make_hosts()
@@ -247,9 +268,10 @@ def main() -> int:
     try:
         with Hosts(args.hosts) as hosts:
             env = ray_cluster(hosts, temp_dir)
-            report = scenario(args.cut_s, env, hosts)
+            report = scenario(args.cut_s, env, hosts, call_deadline=not args.no_call_deadline)
     finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if os.environ.get("MOECLUSTER_KEEP_HOST_LOGS") is None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     print(json.dumps(report, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
