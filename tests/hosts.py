@@ -56,6 +56,7 @@ class Hosts:
         self.names = [f"mc-h{i}" for i in range(1, count + 1)]
         self.addresses = {name: f"{SUBNET}.{10 + i}" for i, name in enumerate(self.names, 1)}
         self.processes: list[subprocess.Popen] = []
+        self.nodes: dict[str, tuple[list[str], dict, Path, subprocess.Popen]] = {}  # host -> its Ray node
 
     def __enter__(self):
         try:
@@ -95,6 +96,19 @@ class Hosts:
         self.processes.append(process)
         return process
 
+    def start_node(self, name: str, command: list[str], env: dict, log: Path) -> None:
+        self.nodes[name] = (command, env, log, self.start(command, env, log, netns=name))
+        _wait_started(log)
+
+    def revive(self, name: str) -> bool:
+        """Start `name`'s Ray node again if it has exited (Ray ends a node that was taken for dead), as a
+        supervisor would (Kubernetes restarting the pod; systemd on a plain machine). True if it had to."""
+        command, env, log, process = self.nodes[name]
+        if process.poll() is None:
+            return False
+        self.start_node(name, command, env, log)
+        return True
+
     def cut(self, name: str) -> None:
         """Cut `name` off: its link goes down, and packets stop both ways with no reset."""
         _ip("link", "set", self.link(name), "down")
@@ -126,10 +140,8 @@ def ray_cluster(hosts: Hosts, temp_dir: str, node_cpus: int = 2) -> dict:
                  f"--temp-dir={temp_dir}"], env, Path(temp_dir) / "head.log")
     _wait_port(HEAD_IP, GCS_PORT)
     for name in hosts.names:  # one at a time: nodes that start together on two cores time out
-        log = Path(temp_dir) / f"{name}.log"
-        hosts.start([*ray, f"--address={HEAD_IP}:{GCS_PORT}", f"--node-ip-address={hosts.addresses[name]}",
-                     f"--num-cpus={node_cpus}", OBJECT_STORE], env, log, netns=name)
-        _wait_started(log)
+        hosts.start_node(name, [*ray, f"--address={HEAD_IP}:{GCS_PORT}", f"--node-ip-address={hosts.addresses[name]}",
+                                f"--num-cpus={node_cpus}", OBJECT_STORE], env, Path(temp_dir) / f"{name}.log")
     return env
 
 
@@ -213,15 +225,20 @@ def scenario(cut_s: float, hosts_env: dict, hosts: Hosts, call_deadline: bool = 
     report = {"hosts": len(names), "cut_s": cut_s, "victim": victim, "call_deadline": call_deadline}
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(stream, p) for p in PROMPTS]
-        time.sleep(3.0)
-        cut_at = time.monotonic()
-        hosts.cut(victim)
-        time.sleep(cut_s)
-        hosts.restore(victim)
-        restored_at = time.monotonic()
-        report["back_s"] = wait_until(lambda: _full_capacity(ops.status("hosts")), 120, "full capacity")
-        time.sleep(2.0)
-        done.set()
+        try:
+            time.sleep(3.0)
+            cut_at = time.monotonic()
+            hosts.cut(victim)
+            time.sleep(cut_s)
+            hosts.restore(victim)
+            restored_at = time.monotonic()
+            time.sleep(5.0)  # a node Ray took for dead ends itself once it can reach the head again
+            report["node_restarted"] = hosts.revive(victim)
+            wait_until(lambda: _full_capacity(ops.status("hosts")), 180, "full capacity")
+            report["back_s"] = time.monotonic() - restored_at
+            time.sleep(2.0)
+        finally:
+            done.set()
         for future in futures:
             future.result()
     touched = [o for o in outcomes if o[3] > cut_at and o[2] < restored_at + report["back_s"]]
@@ -264,6 +281,7 @@ def main() -> int:
     if why_not:
         print(f"cannot make hosts: {why_not}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the hosts are taken down on SIGTERM too
     temp_dir = tempfile.mkdtemp(prefix="ray-hosts-")
     try:
         with Hosts(args.hosts) as hosts:

@@ -92,7 +92,6 @@ class ExpertController:
         self.attached: set[str] = set()  # routers that attached and have not released: they may still serve
         self._lock = threading.RLock()  # plan changes: held for as long as one takes
         self._stats_lock = threading.Lock()  # what reports add to: never held for long
-        self._started = time.monotonic()
         self._replace_at, self._replace_failures, self.replace_error = 0.0, 0, ""
         self.started_at = time.time()
         threading.Thread(target=self._watch, name="controller-watch", daemon=True).start()
