@@ -98,3 +98,18 @@ def test_bad_limits_are_refused_with_the_field(tmp_path, limits, message):
     path.write_text(f"limits: {limits}\n")
     with pytest.raises(Exception, match=message):
         load_config(str(path))
+
+
+def test_bad_serving_replicas_are_refused_with_the_field(tmp_path, capsys):
+    assert main(["serve", "--num-replicas", "0"]) == 2
+    assert "num_replicas" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("num_replicas: 2\nautoscaling: {max_replicas: 3}\n")
+    with pytest.raises(Exception, match="set num_replicas or autoscaling, not both"):
+        load_config(str(path))
+    path.write_text("autoscaling: {min_replicas: 3, max_replicas: 2}\n")
+    with pytest.raises(Exception, match=r"max_replicas \(2\) is below min_replicas \(3\)"):
+        load_config(str(path))
+    path.write_text("call_deadline: {factor: 1}\n")
+    with pytest.raises(Exception, match="(?s)call_deadline.factor.*greater than 1"):
+        load_config(str(path))
