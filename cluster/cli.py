@@ -140,7 +140,8 @@ def _serve(args) -> int:
 
     try:
         config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
-                             num_replicas=args.num_replicas, rebalance_enabled=args.rebalance, routing_policy=args.routing)
+                             num_replicas=args.num_replicas, rebalance_enabled=args.rebalance,
+                             routing_policy=args.routing)
         ApiKeys.load(config.api_keys_file)
     except ValidationError as error:
         print(f"invalid serving config:\n{error}", file=sys.stderr)
@@ -156,8 +157,8 @@ def _serve(args) -> int:
         ray.init(address=args.address)
     else:
         apply_node_env()
-        replicas = config.autoscaling.max_replicas if config.autoscaling else config.num_replicas
-        cpus = max(os.cpu_count() or 1, int(config.num_workers * config.worker_cpus) + replicas + 1)
+        workers = int(config.num_workers * config.worker_cpus)
+        cpus = max(os.cpu_count() or 1, workers + config.most_serving_replicas() + 1)
         ray.init(address="local", num_cpus=cpus)
     serve.start(
         http_options={"host": "0.0.0.0", "port": args.http_port},

@@ -173,6 +173,9 @@ class ServeConfig(_Strict):
             raise ValueError("set num_replicas or autoscaling, not both")
         return self
 
+    def most_serving_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
     def replica_counts(self) -> dict[tuple[int, int], int]:
         return {parse_expert_key(key): n for key, n in self.expert_replicas.items()}
 

@@ -257,7 +257,8 @@ class ExpertClient:
 
     def _stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         if address not in self._stubs:
-            self._channels[address] = grpc.insecure_channel(address, options=message_size(self.limits) + ROUTER_KEEPALIVE)
+            options = message_size(self.limits) + ROUTER_KEEPALIVE
+            self._channels[address] = grpc.insecure_channel(address, options=options)
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
         return self._stubs[address]
 

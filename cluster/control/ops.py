@@ -24,9 +24,10 @@ def controllers(app: str) -> list:
     prefix, suffix = f"{SERVE_DEPLOYMENT_ACTOR_PREFIX}{app}::", f"::{CONTROLLER}"
     handles = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(prefix) and actor["name"].endswith(suffix):
+        name = actor["name"]
+        if actor["namespace"] == SERVE_NAMESPACE and name.startswith(prefix) and name.endswith(suffix):
             try:
-                handles.append(ray.get_actor(actor["name"], namespace=SERVE_NAMESPACE))
+                handles.append(ray.get_actor(name, namespace=SERVE_NAMESPACE))
             except ValueError:
                 pass  # gone since it was listed
     started = ray.get([handle.started.remote() for handle in handles])

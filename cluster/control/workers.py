@@ -44,8 +44,8 @@ def group_name(scope: str) -> str:
 class WorkerSlots:
     def __init__(self, config: ServeConfig, model_dir: str, scope: str, owner: tuple[str, str] | None,
                  adopt: bool = False):
-        """`scope`: the version the workers belong to; `owner`: their controller's actor name and namespace. `adopt`: take over
-        the version's existing placement group, if it has one, instead of a new one."""
+        """`scope`: the version the workers belong to; `owner`: their controller's actor name and namespace.
+        `adopt`: take over the version's existing placement group, if it has one, instead of a new one."""
         self.config, self.model_dir, self.scope, self.owner = config, model_dir, scope, owner
         self.key = plan_store.data_path_key(scope)
         self.bundle = _bundle(config)

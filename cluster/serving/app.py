@@ -32,7 +32,7 @@ from cluster.serving.auth import ApiKeys
 from cluster.serving.body_limit import BodyLimit
 from cluster.serving.chat import ChatRequest
 from cluster.serving.logs import one_line_refusals
-from cluster.serving.rollout import autoscaling_options, rollout_surge
+from cluster.serving.rollout import REPLICA_CPUS, autoscaling_options, rollout_surge
 from cluster.serving.metrics import RequestTimer, ServingMetrics
 from cluster.serving.openai_api import (
     CompletionRequest,
@@ -100,7 +100,7 @@ def call_deadlines(config: ServeConfig) -> CallDeadlines | None:
 
 
 @serve.deployment(max_ongoing_requests=1024,
-                  ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": ACTOR_ENV}})
+                  ray_actor_options={"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": ACTOR_ENV}})
 @serve.ingress(api)
 class MoEServer:
     def __init__(self, version: dict):

@@ -7,7 +7,7 @@ import ray
 from cluster.config import AutoscalingConfig, ServeConfig
 
 log = logging.getLogger(__name__)
-REPLICA_CPUS = 1  # MoEServer's ray_actor_options
+REPLICA_CPUS = 1  # each serving replica's (MoEServer's ray_actor_options)
 
 
 def autoscaling_options(config: AutoscalingConfig) -> dict:
@@ -21,13 +21,11 @@ def rollout_surge(config: ServeConfig) -> int:
     the old version stops first and the rollout still completes, with a pause in serving."""
     if not ray.is_initialized():
         return 100
-    replicas = config.autoscaling.max_replicas if config.autoscaling else config.num_replicas
-    need = {"CPU": config.num_workers * config.worker_cpus + replicas * REPLICA_CPUS}
+    need = {"CPU": config.num_workers * config.worker_cpus + config.most_serving_replicas() * REPLICA_CPUS}
     free = ray.available_resources()
     if ray.cluster_resources().get("GPU", 0) > 0 and config.worker_gpus > 0:
         need["GPU"] = config.num_workers * config.worker_gpus
-    short = {name: amount for name, amount in need.items() if free.get(name, 0) < amount}
-    if not short:
+    if all(free.get(name, 0) >= amount for name, amount in need.items()):
         return 100
     log.warning("no room for a new version beside a running one (it needs %s, the cluster has %s free): a "
                 "rollout stops the running version first, and serving pauses until the new one is up", need,
