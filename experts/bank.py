@@ -67,7 +67,8 @@ class _LayerExperts:
         group's rows padded to the largest group: when a call touches most hosted experts (decode), fewer and
         larger ops beat many GEMMs of a few rows. G = hosted experts, W = rows of the largest group."""
         m, width = self.module, max(counts)
-        slots = torch.cat([torch.arange(n) + g * width for g, n in zip(local.tolist(), counts)])  # [N] into [G * W]
+        slots = torch.tensor([g * width + i for g, n in zip(local.tolist(), counts) for i in range(n)],
+                             device=hidden.device)  # [N] into [G * W]
         padded = hidden.new_zeros(len(self.experts) * width, hidden.shape[1]).index_copy_(0, slots, hidden)  # [G*W, D]
         up_name = "gate_up_proj" if m.has_gate else "up_proj"
         up = _bmm(padded.view(len(self.experts), width, -1), getattr(m, up_name), m, f"{up_name}_bias")  # [G, W, 2I]
@@ -196,10 +197,11 @@ class ExpertBank:
 
     @torch.inference_mode()
     def forward(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs on the bank's device, in its dtype: the caller decides when they go to the host."""
         hosted = self.layers.get(layer)
         if hosted is None:
             raise ExpertNotHosted(f"layer {layer} has no experts hosted here")
-        return hosted.forward(experts, counts, hidden.to(self.device, self.dtype)).cpu()
+        return hosted.forward(experts, counts, hidden.to(self.device, self.dtype))
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for h in self.layers.values() for p in h.module.parameters())

@@ -16,6 +16,7 @@ from experts.threads import use_process_threads
 from experts.unix_server import UnixServer
 from protos import expert_pb2, expert_pb2_grpc
 from protos.wire.grpc_options import WORKER_KEEPALIVE, message_size
+from protos.wire.staging import HostStaging
 from protos.wire.tensor import from_proto, to_proto
 from protos.wire.unix_stream import DEFAULT_LIMITS, CallFailed, FrameLimits
 
@@ -28,6 +29,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.malformed_replies = False  # fault injection: answer with a row missing, as a corrupted reply would
         self.tokens: Counter[tuple[int, int]] = Counter()
         self.compute_s = 0.0
+        self.staging = HostStaging()
         self._stats_lock = threading.Lock()  # gRPC handlers and Unix-socket connections count concurrently
 
     def Forward(self, request, context):
@@ -38,8 +40,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         return expert_pb2.ExpertForwardResponse(hidden=to_proto(out), compute_s=compute_s)
 
     def forward(self, request: expert_pb2.ExpertForwardRequest, data: bytearray | None = None):
-        """Both transports' Forward -> (expert outputs, compute seconds). The hidden rows' bytes are `data`, or
-        else in the request; a bad request raises CallFailed with its status code."""
+        """Both transports' Forward -> (expert outputs on the host in the request's dtype, valid until this
+        thread's next call; compute seconds, the copies to and from the bank's device included). The hidden rows'
+        bytes are `data`, or else in the request; a bad request raises CallFailed with its status code."""
         try:
             hidden = from_proto(request.hidden, data)
             _check_groups(request, hidden.shape)
@@ -47,14 +50,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         start = time.perf_counter()
         try:
-            out = self.bank.forward(request.layer, list(request.experts), list(request.counts), hidden)
+            out = self.bank.forward(request.layer, list(request.experts), list(request.counts),
+                                    self.staging.to_device(hidden, self.bank.device))
         except ExpertNotHosted as error:
             raise CallFailed(grpc.StatusCode.NOT_FOUND, f"layer {request.layer}: {error.args[0]}") from None
+        out = self.staging.to_host(out.to(hidden.dtype))
         elapsed = time.perf_counter() - start
         with self._stats_lock:
             self.compute_s += elapsed
             self.tokens.update({(request.layer, e): c for e, c in zip(request.experts, request.counts)})
-        return (out[:-1] if self.malformed_replies else out).to(hidden.dtype), elapsed
+        return out[:-1] if self.malformed_replies else out, elapsed
 
     def counters(self) -> tuple[dict[tuple[int, int], int], float]:
         """(tokens per (layer, expert), compute seconds) served so far."""

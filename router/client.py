@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from protos import expert_pb2, expert_pb2_grpc
 from protos.wire import unix_stream
 from protos.wire.grpc_options import KEY_METADATA, ROUTER_KEEPALIVE, message_size
+from protos.wire.staging import HostStaging
 from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 from router.hedge import Hedge
@@ -41,8 +42,9 @@ class ExpertCallError(RuntimeError):
 
 @dataclass
 class LayerReplies:
-    """One layer call's answers: [S, D] expert outputs in dispatch order, where every failed worker's rows
-    (`failed`: the error, and its rows' [start, end) in dispatch order) are left unset."""
+    """One layer call's answers: [S, D] expert outputs in dispatch order, on the rows' device and in their dtype,
+    where every failed worker's rows (`failed`: the error, and its rows' [start, end) in dispatch order) are left
+    unset."""
 
     out: torch.Tensor
     compute_s: float = 0.0
@@ -71,6 +73,7 @@ class ExpertClient:
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()  # hedges sent, and hedges that answered first
         self.on_reply = None  # (worker, seconds from send to answer) of every share answered
+        self.staging = HostStaging()
 
     def drain_counters(self) -> dict[str, int]:
         """Hedges sent, and those that answered first, since the last drain."""
@@ -93,6 +96,8 @@ class ExpertClient:
         not answered after `hedge.after_s` races a copy of its share sent to other replicas of its experts.
         `timeout_s`: this call's deadline, at most the client's (unset: the client's)."""
         timeout_s = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
+        device, replies, late = rows.device, LayerReplies(self.staging.host_like(rows)), []
+        rows = self.staging.to_host(rows)
         calls, start, sent = [], 0, time.monotonic()
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
@@ -101,7 +106,6 @@ class ExpertClient:
             start = end
         deadline = sent + timeout_s
         self._track(calls, +1)
-        replies, late = LayerReplies(torch.empty_like(rows)), []
         try:
             for call in calls:  # every reply is read: a socket left with one would be out of step
                 if hedge is not None and not _ready(call.handle, sent + hedge.after_s):
@@ -112,6 +116,7 @@ class ExpertClient:
                 self._race(replies, layer, call, deadline, hedge, addresses, rows, late)
         finally:
             self._track(calls, -1)
+        replies.out = self.staging.to_device(replies.out, device)
         return replies
 
     def _call(self, layer, worker, address, experts, counts, start, rows, timeout_s) -> "_Call":

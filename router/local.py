@@ -33,17 +33,18 @@ class LocalExperts:
         started, outs, start = time.perf_counter(), [], 0
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
-            outs.append(self.banks[worker].forward(layer, experts, counts, rows[start:end]))
+            out = self.banks[worker].forward(layer, experts, counts, rows[start:end])
+            outs.append(out.to(rows.device, rows.dtype))  # as a worker replies: the request's dtype
             start = end
         return LayerReplies(torch.cat(outs), time.perf_counter() - started)
 
 
 def attach_local_experts(model, model_dir, dtype=None) -> ExpertRouter:
-    """Host every routed expert of `model` in this process, in one bank, and route to it."""
+    """Host every routed expert of `model` in this process, in one bank on the model's device, and route to it."""
     layers = experts_modules(model)
     shape = {layer: m.num_experts for layer, m in layers.items()}
     plan = [[(layer, e) for layer, n in shape.items() for e in range(n)]]
-    router = ExpertRouter(RoutingTable.from_plan(0, plan, {0: "local"}, shape),
-                          LocalExperts([ExpertBank(model_dir, plan[0], dtype)]))
+    bank = ExpertBank(model_dir, plan[0], dtype, model.device)
+    router = ExpertRouter(RoutingTable.from_plan(0, plan, {0: "local"}, shape), LocalExperts([bank]))
     route_experts(model, router)
     return router

@@ -74,6 +74,7 @@ class ExpertRouter:
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         token_ids = getattr(self._step, "token_ids", None)
         top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, token_ids)
+        top_k_index = top_k_index.cpu()  # the plan is host work: its expert ids and counts go on the wire as lists
         self._count(layer, top_k_index)
         if self._probe_row is None:
             self._probe_row = hidden.new_zeros(1, hidden.shape[-1])
@@ -86,8 +87,9 @@ class ExpertRouter:
         return combined
 
     def _expert_outputs(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
-        """([S, D] each pair's expert output in pair order, seconds waited on workers, their compute seconds)."""
-        flat, top_k = top_k_index.reshape(-1), top_k_index.shape[-1]  # [S]
+        """([S, D] each pair's expert output in pair order, seconds waited on workers, their compute seconds).
+        `top_k_index` is on the host; `hidden` and the outputs on the model's device."""
+        flat, top_k, device = top_k_index.reshape(-1), top_k_index.shape[-1], hidden.device  # [S]
         out = hidden.new_empty(flat.numel(), hidden.shape[-1])  # [S, D]
         pending = torch.arange(flat.numel())  # [P] pairs still without an output
         waited = compute_s = 0.0
@@ -95,7 +97,7 @@ class ExpertRouter:
             table = self.table
             dispatch = self._plan(layer, table, flat[pending])
             sent_pairs = pending[dispatch.order]  # [P] in dispatch order
-            rows = hidden.index_select(0, sent_pairs // top_k)
+            rows = hidden.index_select(0, (sent_pairs // top_k).to(device))
             sent = time.perf_counter()
             replies = self.client.forward(layer, dispatch, rows, table.addresses, self._hedge(layer, table),
                                           self._timeout_s(layer, table))
@@ -105,7 +107,7 @@ class ExpertRouter:
             compute_s += replies.compute_s
             self._count_workers(dispatch)
             if not replies.failed:  # the usual case: one scatter, no masks
-                out.index_copy_(0, sent_pairs, replies.out)
+                out.index_copy_(0, sent_pairs.to(device), replies.out)
                 break
             failed = torch.zeros(len(sent_pairs), dtype=torch.bool)
             for error, a, b in replies.failed:
@@ -113,7 +115,8 @@ class ExpertRouter:
                     raise error
                 self.health.eject(error.worker, str(error))
                 failed[a:b] = True
-            out[sent_pairs[~failed]] = replies.out[~failed]
+            answered = (~failed).nonzero().squeeze(1)  # [A] rows of the call that have an output
+            out.index_copy_(0, sent_pairs[answered].to(device), replies.out.index_select(0, answered.to(device)))
             pending = sent_pairs[failed]
             if pending.numel():
                 with self._stats_lock:
