@@ -69,6 +69,10 @@ class LimitsConfig(_Strict):
     )
     max_tokens: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask; unset: the context.")
     max_n: int = Field(16, ge=1, description="Most choices (n) one request may ask for.")
+    max_prompts: int = Field(
+        64, ge=1, description="Most prompts one /v1/completions or gRPC Generate request may batch (each prompt "
+        "has its n choices).",
+    )
     streams_per_connection: int = Field(
         64, ge=1, description="gRPC Generate calls one client connection may have in flight on one serving replica; "
         "more are RESOURCE_EXHAUSTED.",
@@ -150,7 +154,10 @@ class ServeConfig(_Strict):
     engine_lanes: int = Field(
         1, ge=1, description="Micro-batches stepped in ping-pong, so one computes while another waits on experts."
     )
-    max_waiting: int = Field(1024, ge=1, description="Requests queued for a batch slot before RESOURCE_EXHAUSTED.")
+    max_waiting: int = Field(
+        1024, ge=1, description="Sequences (each prompt's each choice) queued for a batch slot before "
+        "RESOURCE_EXHAUSTED.",
+    )
     stream_interval: int = Field(
         1, ge=1, description="Fewest tokens per streamed message after the first (a stream that fell behind sends "
         "all it has at once); more cut the ingress's CPU per token."

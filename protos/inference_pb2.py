@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rmoecluster.v1\"\xa3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\x05H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_n\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\x88\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.moecluster.v1.TokenLogprob\x12\r\n\x05index\x18\x05 \x01(\x05\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.moecluster.v1.GenerateRequest\x1a\x1f.moecluster.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rmoecluster.v1\")\n\x06Prompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xe2\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\x05H\x05\x88\x01\x01\x12&\n\x07prompts\x18\x0b \x03(\x0b\x32\x15.moecluster.v1.Prompt\x12\x12\n\x05top_k\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x11 \x01(\x05H\x0b\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x12 \x03(\x0b\x32-.moecluster.v1.GenerateRequest.LogitBiasEntry\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x13 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_nB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\x88\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.moecluster.v1.TokenLogprob\x12\r\n\x05index\x18\x05 \x01(\x05\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.moecluster.v1.GenerateRequest\x1a\x1f.moecluster.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=42
-  _globals['_GENERATEREQUEST']._serialized_end=333
-  _globals['_TOKENLOGPROB']._serialized_start=335
-  _globals['_TOKENLOGPROB']._serialized_end=429
-  _globals['_GENERATERESPONSE']._serialized_start=432
-  _globals['_GENERATERESPONSE']._serialized_end=568
-  _globals['_INFERENCE']._serialized_start=570
-  _globals['_INFERENCE']._serialized_end=660
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_PROMPT']._serialized_start=41
+  _globals['_PROMPT']._serialized_end=82
+  _globals['_GENERATEREQUEST']._serialized_start=85
+  _globals['_GENERATEREQUEST']._serialized_end=823
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=605
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=653
+  _globals['_TOKENLOGPROB']._serialized_start=825
+  _globals['_TOKENLOGPROB']._serialized_end=919
+  _globals['_GENERATERESPONSE']._serialized_start=922
+  _globals['_GENERATERESPONSE']._serialized_end=1058
+  _globals['_INFERENCE']._serialized_start=1060
+  _globals['_INFERENCE']._serialized_end=1150
 # @@protoc_insertion_point(module_scope)

@@ -15,9 +15,10 @@ from transformers import DynamicCache
 
 from cluster.engine import kv_batch
 from cluster.engine.detokenize import IncrementalText
-from cluster.engine.sampling import prompt_logprobs, sample_token, token_logprob
+from cluster.engine.sampling import Sampler, prompt_logprobs, token_logprob
 from cluster.engine.sequence import Event, SamplingParams, Sequence, TokenLogprob
-from cluster.errors import ExpertUnavailable, Overloaded, as_serving_error
+from cluster.engine.waiting import Waiting
+from cluster.errors import ExpertUnavailable, as_serving_error
 from experts.threads import use_process_threads
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Engine:
         self.context_len, self.max_batch_size = context_len, max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_waiting)
+        self._waiting = Waiting(max_waiting)
         self._closed = threading.Event()
         self.background = background
         self.lanes = [_Lane(self, i) for i in range(lanes)]
@@ -45,16 +46,18 @@ class Engine:
                 threading.Thread(target=lane.loop, name=f"moecluster-engine-{lane.index}", daemon=True).start()
 
     def submit(self, sequence: Sequence) -> None:
-        sequence.text = IncrementalText(self.tokenizer)
-        try:
-            self._waiting.put_nowait(sequence)
-        except queue.Full:
-            raise Overloaded(f"{self._waiting.maxsize} requests already wait for a batch slot; retry later") from None
+        self.submit_all([sequence])
+
+    def submit_all(self, sequences: list[Sequence]) -> None:
+        """Sequences that wait together and join a batch together: the prompts and choices of one request."""
+        for sequence in sequences:
+            sequence.text = IncrementalText(self.tokenizer)
+            sequence.sampler = Sampler(sequence.params, len(sequence.prompt_ids), self.eos_ids)
+        self._waiting.put_all(sequences)
 
     def resize_queue(self, max_waiting: int) -> None:
-        """How many requests may wait for a batch slot, from now on."""
-        with self._waiting.mutex:
-            self._waiting.maxsize = max_waiting
+        """How many sequences may wait for a batch slot, from now on."""
+        self._waiting.max_waiting = max_waiting
 
     def step(self) -> bool:
         """One iteration of every lane: admit waiting sequences, prefill them, decode a token for each running
@@ -77,8 +80,8 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 600) -> list[list[int]]:
         """The tokens generated for each prompt, all decoded together."""
         events: queue.Queue[tuple[int, Event]] = queue.Queue()
-        for i, ids in enumerate(prompts):
-            self.submit(Sequence(ids, params, lambda event, i=i: events.put((i, event))))
+        self.submit_all([Sequence(ids, params, lambda event, i=i: events.put((i, event)))
+                         for i, ids in enumerate(prompts)])
         out, left = [[] for _ in prompts], len(prompts)
         while left:
             i, event = self._next(events, timeout_s)
@@ -92,7 +95,7 @@ class Engine:
         return sum(len(lane.running) for lane in self.lanes)
 
     def waiting(self) -> int:
-        return self._waiting.qsize()
+        return len(self._waiting)
 
     def close(self) -> None:
         """Stop the lanes' threads once their current step is done."""
@@ -109,14 +112,13 @@ class Engine:
         """New sequences for `lane`: its fair share of what runs and waits; an idle lane waits up to `wait_s`."""
         new = []
         if not lane.running:
-            try:
-                new = [self._waiting.get(timeout=wait_s) if wait_s else self._waiting.get_nowait()]
-            except queue.Empty:
+            first = self._waiting.get(wait_s)
+            if first is None:
                 return []
-        total = sum(len(other.running) for other in self.lanes) + len(new) + self._waiting.qsize()
+            new = [first]
+        total = sum(len(other.running) for other in self.lanes) + len(new) + len(self._waiting)
         share = min(-(-total // len(self.lanes)), self.max_batch_size // len(self.lanes) or 1)
-        while len(lane.running) + len(new) < share and not self._waiting.empty():
-            new.append(self._waiting.get_nowait())
+        new += self._waiting.take(share - len(lane.running) - len(new))
         return [s for s in new if not s.cancelled]
 
 
@@ -195,12 +197,14 @@ class _Lane:
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         greedy = logits.argmax(-1).tolist()  # [B], one call for every greedy row
         for seq, row, best in zip(seqs, logits, greedy):
-            p = seq.params
+            p, sampler = seq.params, seq.sampler
             if p.max_tokens == 0:  # scoring a prompt (echo): its logprobs are the whole answer
                 seq.done = True
                 seq.emit(Event(token_ids=[], text="", finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
                 continue
-            token = best if p.temperature == 0 else sample_token(row, p.temperature, p.top_p, seq.generator)
+            if sampler.adjust:
+                row = sampler.adjusted(row, seq.prompt_ids + seq.generated)
+            token = best if p.temperature == 0 and not sampler.adjust else sampler.draw(row)
             logprob = None if p.logprobs is None else token_logprob(row, token, p.temperature, p.logprobs)
             self._append(seq, token, logprob)
         keep = [i for i, s in enumerate(self.running) if not (s.done or s.cancelled)]

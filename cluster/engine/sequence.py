@@ -1,10 +1,12 @@
 """A request as the engine sees it: its prompt, how to sample it, and what it has generated so far."""
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from cluster.engine.detokenize import IncrementalText
+
+if TYPE_CHECKING:
+    from cluster.engine.sampling import Sampler
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # alternatives reported per token, most likely first; None: no logprobs
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: none
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # as transformers and vLLM define it: over the prompt's and generated tokens
+    presence_penalty: float = 0.0  # as OpenAI defines them: over the generated tokens
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # end-of-sequence is held back until this many tokens are generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,7 @@ class Sequence:
     done: bool = False
     text: IncrementalText | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first event
-
-    def __post_init__(self):
-        self.generator = None if self.params.seed is None else torch.Generator().manual_seed(self.params.seed)
+    sampler: "Sampler | None" = None  # set by the engine that admits it
 
     @property
     def length(self) -> int:

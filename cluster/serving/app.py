@@ -1,6 +1,9 @@
 """The Ray Serve application: the assembled model behind an OpenAI-compatible HTTP API and a gRPC API."""
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -23,7 +26,7 @@ from cluster.config import HedgeConfig, RoutingConfig, ServeConfig, live_fields,
 from cluster.control.controller import CONTROLLER, RouterReport, controller_actor
 from cluster.demo_model import default_model_dir
 from cluster.engine.engine import Engine
-from cluster.engine.sequence import Event, Sequence
+from cluster.engine.sequence import Event, SamplingParams, Sequence
 from cluster.errors import ModelNotFound, ServingError, UnknownService
 from cluster.node_env import ACTOR_ENV
 from cluster.serving import chat, grpc_api, metrics, stream
@@ -45,7 +48,7 @@ from cluster.serving.openai_api import (
     usage,
     validation_message,
 )
-from cluster.serving.requests import choice_params, parse_generation
+from cluster.serving.requests import check_prompt_count, choice_params, parse_prompt, parse_sampling
 from experts.threads import usable_cores
 from protos import inference_pb2
 from protos.wire.unix_stream import FrameLimits
@@ -97,6 +100,33 @@ def call_deadlines(config: ServeConfig) -> CallDeadlines | None:
     if not deadline.enabled:
         return None
     return CallDeadlines(config.expert_timeout_s, factor=deadline.factor, floor_s=deadline.floor_ms / 1e3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One sequence a request asks for: a prompt's one choice."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
+    """The engine's thread hands an event to the request's event loop."""
+    loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+async def _tokens(events: asyncio.Queue, timer: RequestTimer):
+    """One sequence's events until its last; a failed step's error is raised."""
+    try:
+        while True:
+            event = await stream.ready(events)
+            timer.add(len(event.token_ids), event.finish_reason)
+            yield event
+            if event.finish_reason:
+                return
+    except ServingError as error:
+        timer.failed(error.grpc_code.name)
+        raise
 
 
 @serve.deployment(max_ongoing_requests=1024,
@@ -197,33 +227,43 @@ class MoEServer:
         except ValueError:
             pass  # not registered again yet
 
-    def _parse(self, **fields):
-        return parse_generation(
-            **fields, tokenizer=self.tokenizer, vocab_size=self.model.config.vocab_size,
-            context_len=self.context_len, default_max_tokens=self.config.default_max_tokens, limits=self.config.limits,
-        )
+    def _prompt_ids(self, prompts: list[str | list[int]], add_special_tokens: bool) -> list[list[int]]:
+        check_prompt_count(len(prompts), self.config.limits)
+        return [parse_prompt(p, name=f"prompt[{i}]" if len(prompts) > 1 else "prompt", tokenizer=self.tokenizer,
+                             vocab_size=self.model.config.vocab_size, context_len=self.context_len,
+                             limits=self.config.limits, add_special_tokens=add_special_tokens)
+                for i, p in enumerate(prompts)]
 
-    def _events(self, prompt_ids: list[int], params):
-        return stream.every(self._tokens(prompt_ids, params), self.config.stream_interval)
+    def _jobs(self, prompt_ids: list[list[int]], n: int, **sampling) -> list[Job]:
+        """A sequence to generate for each prompt's each choice: prompt i's choice j is job i * n + j."""
+        params = parse_sampling(**sampling, vocab_size=self.model.config.vocab_size, context_len=self.context_len,
+                                default_max_tokens=self.config.default_max_tokens, limits=self.config.limits)
+        each = choice_params(params, n, self.config.limits.max_n)
+        return [Job(ids, choice) for ids in prompt_ids for choice in each]
 
-    async def _tokens(self, prompt_ids: list[int], params):
+    async def _choices(self, jobs: list[Job]):
+        """(index of its job, event) for every job's events as they come. The jobs join a batch together, and all
+        leave it when this closes early (the client went away)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        sequence = Sequence(prompt_ids, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        timer = RequestTimer(self.metrics, len(prompt_ids))
+        queues = [asyncio.Queue() for _ in jobs]
+        sequences = [Sequence(job.prompt_ids, job.params, functools.partial(_deliver, loop, queue))
+                     for job, queue in zip(jobs, queues)]
+        timers = [RequestTimer(self.metrics, len(job.prompt_ids)) for job in jobs]
         try:
-            self.engine.submit(sequence)
-            while True:
-                event = await stream.ready(events)
-                timer.add(len(event.token_ids), event.finish_reason)
-                yield event
-                if event.finish_reason:
-                    return
+            self.engine.submit_all(sequences)
         except ServingError as error:
-            timer.failed(error.grpc_code.name)
+            for timer in timers:
+                timer.failed(error.grpc_code.name)
             raise
+        try:
+            streams = [stream.every(_tokens(queue, timer), self.config.stream_interval)
+                       for queue, timer in zip(queues, timers)]
+            async with contextlib.aclosing(stream.interleave(streams)) as events:
+                async for item in events:
+                    yield item
         finally:
-            sequence.cancelled = True  # the client left early: free its batch slot
+            for sequence in sequences:
+                sequence.cancelled = True  # the client left early: free its batch slots
 
     # --- gRPC: moecluster.v1.Inference ---
 
@@ -231,13 +271,12 @@ class MoEServer:
         try:
             if grpc_context is not None:
                 self.keys.check(dict(grpc_context.invocation_metadata()).get("authorization"))
-            fields = grpc_api.generation_fields(request)
-            n = fields.pop("n")
-            ids, params = self._parse(**fields)
-            each = choice_params(params, n, self.config.limits.max_n)
+            asked = grpc_api.generation(request)
+            jobs = self._jobs(self._prompt_ids(asked.prompts, asked.add_special_tokens), asked.n, **asked.sampling)
             with self.connections.held(grpc_context.peer() if grpc_context is not None else None):
-                async for index, event in self._choices(ids, each):
-                    yield grpc_api.response(index, event)
+                async with contextlib.aclosing(self._choices(jobs)) as events:
+                    async for index, event in events:
+                        yield grpc_api.response(index, event)
         except ServingError as error:
             grpc_api.set_status(grpc_context, error)
             raise
@@ -299,90 +338,94 @@ class MoEServer:
     async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)):
         self.keys.check(authorization)
         self._check_model(body.model)
-        text = isinstance(body.prompt, str)
-        ids, params = self._parse(
-            prompt=body.prompt if text else None, prompt_ids=None if text else body.prompt,
-            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            stop=body.stop_list(), logprobs=body.logprobs, echo=body.echo,
-        )
-        each = choice_params(params, body.n, self.config.limits.max_n)
-        echo = (body.prompt if text else self.tokenizer.decode(ids)) if body.echo else None
+        prompts = body.prompts()
+        prompt_ids = self._prompt_ids(prompts, body.add_special_tokens)
+        jobs = self._jobs(prompt_ids, body.n, **body.sampling(), max_tokens=body.max_tokens, logprobs=body.logprobs,
+                          echo=body.echo)
+        echoes = [(p if isinstance(p, str) else self.tokenizer.decode(ids)) if body.echo else None
+                  for p, ids in zip(prompts, prompt_ids) for _ in range(body.n)]
         cid, model = completion_id(), self.model_name
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._sse(cid, model, ids, each, echo, include_usage),
+            return StreamingResponse(self._sse(cid, model, jobs, echoes, sum(map(len, prompt_ids)),
+                                               *body.usage_in_stream()),
                                      media_type="text/event-stream")
         choices, generated = [], 0
-        for index, whole in enumerate(await self._wholes(ids, each)):
-            text, logprobs = echoed(whole, echo, params.logprobs is not None)
+        with_logprobs = body.logprobs is not None
+        for index, (whole, echo) in enumerate(zip(await self._wholes(jobs), echoes)):
+            text, logprobs = echoed(whole, echo, with_logprobs)
             choices.append(completion_choice(index, text, whole.token_ids, whole.finish_reason,
                                              completion_logprobs(self.tokenizer, logprobs)))
             generated += len(whole.token_ids)
-        return completion_body(cid, model, choices, usage(len(ids), generated))
+        return completion_body(cid, model, choices, usage(sum(map(len, prompt_ids)), generated))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, authorization: str | None = Header(None)):
         self.keys.check(authorization)
         self._check_model(body.model)
-        ids = chat.render(self.tokenizer, body.messages)
-        ids, params = self._parse(prompt=None, prompt_ids=ids, max_tokens=body.token_budget(),
-                                  temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                  stop=body.stop_list(), logprobs=body.alternatives())
-        each = choice_params(params, body.n, self.config.limits.max_n)
+        prompt_ids = self._prompt_ids([chat.render(self.tokenizer, body.messages)], add_special_tokens=False)
+        jobs = self._jobs(prompt_ids, body.n, **body.sampling(), max_tokens=body.token_budget(),
+                          logprobs=body.alternatives())
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._chat_sse(cid, created, ids, each, include_usage),
+            return StreamingResponse(self._chat_sse(cid, created, jobs, *body.usage_in_stream()),
                                      media_type="text/event-stream")
-        wholes = await self._wholes(ids, each)
+        wholes = await self._wholes(jobs)
         choices = [chat.chat_choice(i, w.text, w.token_ids, w.finish_reason, chat.chat_logprobs(self.tokenizer, w.logprobs))
                    for i, w in enumerate(wholes)]
-        return chat.chat_body(cid, self.model_name, created, choices, usage(len(ids), sum(len(w.token_ids) for w in wholes)))
+        return chat.chat_body(cid, self.model_name, created, choices,
+                              usage(len(prompt_ids[0]), sum(len(w.token_ids) for w in wholes)))
 
-    async def _wholes(self, ids: list[int], each: list) -> list[Event]:
-        """Every choice's events, each merged into one."""
-        events: list[list[Event]] = [[] for _ in each]
-        async for index, event in self._choices(ids, each):
-            events[index].append(event)
+    async def _wholes(self, jobs: list[Job]) -> list[Event]:
+        """Every job's events, each merged into one."""
+        events: list[list[Event]] = [[] for _ in jobs]
+        async with contextlib.aclosing(self._choices(jobs)) as choices:
+            async for index, event in choices:
+                events[index].append(event)
         return [stream.merged(e) for e in events]
 
-    def _choices(self, ids: list[int], each: list):
-        return stream.interleave([self._events(ids, params) for params in each])
+    async def _chat_sse(self, cid: str, created: int, jobs: list[Job], include_usage: bool, continuous: bool):
+        model, generated = self.model_name, [0] * len(jobs)
 
-    async def _chat_sse(self, cid: str, created: int, ids: list[int], each: list, include_usage: bool):
-        model, generated = self.model_name, 0
-        for index in range(len(each)):
-            first = chat.chunk_body(cid, model, created, index, {"role": "assistant", "content": ""}, None, [])
-            yield f"data: {json.dumps(first)}\n\n"
+        def chunk(index: int, *fields) -> str:
+            body = chat.chunk_body(cid, model, created, index, *fields)
+            if continuous:
+                body["usage"] = usage(len(jobs[index].prompt_ids), generated[index])
+            return f"data: {json.dumps(body)}\n\n"
+
+        for index in range(len(jobs)):
+            yield chunk(index, {"role": "assistant", "content": ""}, None, [])
         try:
-            async for index, event in self._choices(ids, each):
-                generated += len(event.token_ids)
-                chunk = chat.chunk_body(cid, model, created, index, {"content": event.text} if event.text else {},
-                                        event.finish_reason, event.token_ids,
-                                        chat.chat_logprobs(self.tokenizer, event.logprobs))
-                yield f"data: {json.dumps(chunk)}\n\n"
+            async with contextlib.aclosing(self._choices(jobs)) as choices:
+                async for index, event in choices:
+                    generated[index] += len(event.token_ids)
+                    yield chunk(index, {"content": event.text} if event.text else {}, event.finish_reason,
+                                event.token_ids, chat.chat_logprobs(self.tokenizer, event.logprobs))
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"
         if include_usage:
-            yield f"data: {json.dumps(chat.usage_chunk(cid, model, created, len(ids), generated))}\n\n"
+            total = chat.usage_chunk(cid, model, created, len(jobs[0].prompt_ids), sum(generated))
+            yield f"data: {json.dumps(total)}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _sse(self, cid: str, model: str, ids: list[int], each: list, echo: str | None, include_usage: bool):
-        generated, offsets, started = 0, [0] * len(each), set()
-        with_logprobs = each[0].logprobs is not None
+    async def _sse(self, cid: str, model: str, jobs: list[Job], echoes: list[str | None], prompt_tokens: int,
+                   include_usage: bool, continuous: bool):
+        generated, offsets, started = [0] * len(jobs), [0] * len(jobs), set()
+        with_logprobs = jobs[0].params.logprobs is not None
         try:
-            async for index, event in self._choices(ids, each):
-                generated += len(event.token_ids)
-                text, logprobs = echoed(event, None if index in started else echo, with_logprobs)
-                started.add(index)
-                logprobs = completion_logprobs(self.tokenizer, logprobs, offsets[index])
-                offsets[index] += len(text)
-                choice = completion_choice(index, text, event.token_ids, event.finish_reason, logprobs)
-                yield f"data: {json.dumps(completion_body(cid, model, [choice]))}\n\n"
+            async with contextlib.aclosing(self._choices(jobs)) as choices:
+                async for index, event in choices:
+                    generated[index] += len(event.token_ids)
+                    text, logprobs = echoed(event, None if index in started else echoes[index], with_logprobs)
+                    started.add(index)
+                    logprobs = completion_logprobs(self.tokenizer, logprobs, offsets[index])
+                    offsets[index] += len(text)
+                    choice = completion_choice(index, text, event.token_ids, event.finish_reason, logprobs)
+                    so_far = usage(len(jobs[index].prompt_ids), generated[index]) if continuous else None
+                    yield f"data: {json.dumps(completion_body(cid, model, [choice], so_far))}\n\n"
         except ServingError as error:
             yield f"data: {json.dumps(error_body(str(error), error.http_status, error.code))}\n\n"
         if include_usage:
-            yield f"data: {json.dumps(completion_body(cid, model, [], usage(len(ids), generated)))}\n\n"
+            yield f"data: {json.dumps(completion_body(cid, model, [], usage(prompt_tokens, sum(generated))))}\n\n"
         yield "data: [DONE]\n\n"
 
 

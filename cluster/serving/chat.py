@@ -6,12 +6,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.errors import InvalidRequest
-from cluster.serving.openai_api import StreamOptions, refuse_unimplemented, usage
+from cluster.serving.openai_api import SamplingFields, refuse_unimplemented, usage
 from cluster.serving.requests import check_text
 
-# Fields this server does not implement, with the value that asks for nothing: any other value is refused by name.
-NOT_IMPLEMENTED = {"tools": None, "tool_choice": None,
-                   "response_format": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
+# Fields this server does not implement, with the values that ask for nothing: any other value is refused by name.
+NOT_IMPLEMENTED = {"tools": (None, []), "tool_choice": (None, "none"), "response_format": (None, {"type": "text"})}
 
 
 class TextPart(BaseModel):
@@ -32,29 +31,15 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
+class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # an end user's id, for the caller's own records: it changes nothing here
-    n: int = 1
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
-    presence_penalty: float = 0
-    frequency_penalty: float = 0
-    logit_bias: dict | None = None
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
@@ -71,9 +56,6 @@ class ChatRequest(BaseModel):
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 def render(tokenizer, messages: list[Message]) -> list[int]:

@@ -66,18 +66,35 @@ def add_reflection_v1(servicer, server) -> None:
         REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
-def generation_fields(request: inference_pb2.GenerateRequest | Undecodable) -> dict:
-    """The fields of parse_generation a GenerateRequest sets, and its n."""
+@dataclass(frozen=True)
+class Generation:
+    """What a GenerateRequest asks for: its prompts (text or token ids), choices per prompt, and parse_sampling's
+    fields."""
+
+    prompts: list[str | list[int]]
+    n: int
+    add_special_tokens: bool
+    sampling: dict
+
+
+def generation(request: inference_pb2.GenerateRequest | Undecodable) -> Generation:
     if isinstance(request, Undecodable):
         raise InvalidRequest(f"the request is not a valid moecluster.v1.GenerateRequest: {request.error}")
 
     def optional(name: str):
         return getattr(request, name) if request.HasField(name) else None
 
-    return dict(prompt=request.prompt, prompt_ids=list(request.prompt_token_ids), max_tokens=optional("max_tokens"),
-                temperature=optional("temperature"), top_p=optional("top_p"), seed=optional("seed"),
-                stop=list(request.stop), ignore_eos=request.ignore_eos, logprobs=optional("logprobs"),
-                n=1 if optional("n") is None else request.n)
+    if request.prompts:
+        prompts = [list(p.token_ids) if p.token_ids else p.text for p in request.prompts]
+    else:
+        prompts = [list(request.prompt_token_ids) if request.prompt_token_ids else request.prompt]
+    sampling = dict(
+        max_tokens=optional("max_tokens"), temperature=optional("temperature"), top_p=optional("top_p"),
+        seed=optional("seed"), stop=list(request.stop), ignore_eos=request.ignore_eos, logprobs=optional("logprobs"),
+        top_k=optional("top_k"), min_p=optional("min_p"), repetition_penalty=optional("repetition_penalty"),
+        presence_penalty=optional("presence_penalty"), frequency_penalty=optional("frequency_penalty"),
+        min_tokens=optional("min_tokens"), logit_bias=dict(request.logit_bias) or None)
+    return Generation(prompts, 1 if optional("n") is None else request.n, request.add_special_tokens, sampling)
 
 
 def set_status(grpc_context, error) -> None:

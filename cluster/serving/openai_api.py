@@ -7,14 +7,14 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from cluster.engine.sequence import Event, TokenLogprob
 
-# OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
-# by name, never silently ignored.
-NOT_IMPLEMENTED = {"best_of": 1, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
+# Fields this server does not implement, with the values that ask for nothing: any other value is refused by
+# name, never silently ignored.
+NOT_IMPLEMENTED = {"best_of": (None, 1), "suffix": (None, "")}
 
 
-def refuse_unimplemented(request: BaseModel, neutral: dict) -> None:
-    """ValueError naming every field of `request` set to anything but its `neutral` value."""
-    asked = [name for name, value in neutral.items() if getattr(request, name) != value]
+def refuse_unimplemented(request: BaseModel, neutral: dict[str, tuple]) -> None:
+    """ValueError naming every field of `request` set to anything but one of its `neutral` values."""
+    asked = [name for name, values in neutral.items() if getattr(request, name) not in values]
     if asked:
         raise ValueError(f"{', '.join(asked)}: not supported by this server")
 
@@ -23,37 +23,68 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: each chunk also carries its choice's usage so far
 
 
-class CompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """The fields both APIs share: OpenAI's, and the extensions (vLLM's names) that benchmark tools send. None
+    asks for the neutral value; the ranges are checked by `requests.parse_sampling`."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str | list[int]
-    max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None  # an end user's id, for the caller's own records: it changes nothing here
     n: int = 1
-    best_of: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    ignore_eos: bool = False
+    min_tokens: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self) -> dict:
+        """parse_sampling's fields, but for max_tokens, logprobs and echo, which the APIs name differently."""
+        return dict(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop_list(),
+                    ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, top_k=self.top_k, min_p=self.min_p,
+                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias)
+
+    def usage_in_stream(self) -> tuple[bool, bool]:
+        """(usage at the end, usage in every chunk) of a streamed reply."""
+        options = self.stream_options or StreamOptions()
+        return options.include_usage, options.continuous_usage_stats
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None
     echo: bool = False
     logprobs: int | None = None
+    add_special_tokens: bool = False  # vLLM's: the tokenizer's BOS and the like around a text prompt
+    best_of: int | None = None
     suffix: str | None = None
-    presence_penalty: float = 0
-    frequency_penalty: float = 0
-    logit_bias: dict | None = None
-    stream_options: StreamOptions | None = None
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
         refuse_unimplemented(self, NOT_IMPLEMENTED)
         return self
 
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: text or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 def completion_id() -> str:

@@ -14,7 +14,7 @@ from cluster.demo_model import build_tokenizer
 from cluster.errors import InvalidRequest
 from cluster.serving.chat import ChatRequest, render
 from cluster.serving.openai_api import CompletionRequest, validation_message
-from cluster.serving.requests import parse_generation
+from cluster.serving.requests import parse_prompt, parse_sampling
 from protos import expert_pb2
 from protos.wire.unix_stream import CallFailed
 
@@ -31,16 +31,18 @@ def fields(names):
     return st.fixed_dictionaries({}, optional={name: json_values for name in names})
 
 
-completion_bodies = fields(["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n",
-                            "echo", "logprobs", "best_of", "user", "stream_options", "suffix"]) | st.dictionaries(
+SAMPLING = ["temperature", "top_p", "seed", "stop", "stream", "n", "user", "stream_options", "ignore_eos",
+            "min_tokens", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"]
+completion_bodies = fields(["model", "prompt", "max_tokens", "echo", "logprobs", "best_of", "suffix",
+                            "add_special_tokens", *SAMPLING]) | st.dictionaries(
     st.text(), json_values, max_size=5)
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
                                            "content": json_values}), max_size=3)
 chat_bodies = st.builds(lambda m, rest: {"messages": m, **rest}, messages,
-                        fields(["model", "max_tokens", "max_completion_tokens", "stop", "n", "tools", "logprobs"]))
+                        fields(["model", "max_tokens", "max_completion_tokens", "tools", "logprobs", *SAMPLING]))
 
 
-def served_or_refused(body_model, body, prompt_ids):
+def served_or_refused(body_model, body, prompts):
     """The body's fate through the same steps as the server: refused (with a message) or parsed."""
     try:
         request = body_model.model_validate(body)
@@ -48,11 +50,10 @@ def served_or_refused(body_model, body, prompt_ids):
         assert validation_message(error.errors())
         return
     try:
-        ids = prompt_ids(request)
-        parse_generation(prompt=None if ids else getattr(request, "prompt", None), prompt_ids=ids,
-                         max_tokens=getattr(request, "max_tokens", None), temperature=request.temperature,
-                         top_p=request.top_p, seed=request.seed, stop=request.stop_list(), tokenizer=TOKENIZER,
-                         vocab_size=len(TOKENIZER), context_len=1024, default_max_tokens=16)
+        for prompt in prompts(request):
+            parse_prompt(prompt, tokenizer=TOKENIZER, vocab_size=len(TOKENIZER), context_len=1024)
+        parse_sampling(**request.sampling(), max_tokens=getattr(request, "max_tokens", None),
+                       vocab_size=len(TOKENIZER), context_len=1024, default_max_tokens=16)
     except InvalidRequest as error:
         assert str(error)
 
@@ -60,13 +61,13 @@ def served_or_refused(body_model, body, prompt_ids):
 @FUZZ
 @given(completion_bodies)
 def test_any_completion_body_is_served_or_refused_by_name(body):
-    served_or_refused(CompletionRequest, body, lambda r: r.prompt if isinstance(r.prompt, list) else None)
+    served_or_refused(CompletionRequest, body, lambda r: r.prompts())
 
 
 @FUZZ
 @given(chat_bodies)
 def test_any_chat_body_is_served_or_refused_by_name(body):
-    served_or_refused(ChatRequest, body, lambda r: render(TOKENIZER, r.messages))
+    served_or_refused(ChatRequest, body, lambda r: [render(TOKENIZER, r.messages)])
 
 
 @FUZZ

@@ -4,7 +4,7 @@ import pytest
 
 from cluster.engine.sequence import Event, TokenLogprob
 from cluster.errors import InvalidRequest, Overloaded
-from cluster.serving.grpc_api import ConnectionStreams, Undecodable, decode_request, generation_fields, response
+from cluster.serving.grpc_api import ConnectionStreams, Undecodable, decode_request, generation, response
 from protos import inference_pb2
 
 
@@ -13,15 +13,26 @@ def test_bytes_that_are_no_request_become_invalid_argument(data, why):
     decoded = decode_request(data)
     assert isinstance(decoded, Undecodable) and why in decoded.error
     with pytest.raises(InvalidRequest, match="not a valid moecluster.v1.GenerateRequest"):
-        generation_fields(decoded)
+        generation(decoded)
 
 
 def test_unset_optional_fields_are_none_and_n_defaults_to_one():
-    fields = generation_fields(decode_request(inference_pb2.GenerateRequest(prompt="hi").SerializeToString()))
-    assert fields["prompt"] == "hi" and fields["n"] == 1
-    assert fields["max_tokens"] is fields["logprobs"] is fields["seed"] is None
-    asked = generation_fields(inference_pb2.GenerateRequest(prompt="hi", logprobs=0, n=3, seed=0))
-    assert asked["logprobs"] == 0 and asked["n"] == 3 and asked["seed"] == 0
+    asked = generation(decode_request(inference_pb2.GenerateRequest(prompt="hi").SerializeToString()))
+    assert asked.prompts == ["hi"] and asked.n == 1 and not asked.add_special_tokens
+    unset = {name for name, value in asked.sampling.items() if value is None}
+    assert unset == {"max_tokens", "temperature", "top_p", "seed", "logprobs", "top_k", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "min_tokens", "logit_bias"}
+    asked = generation(inference_pb2.GenerateRequest(prompt="hi", logprobs=0, n=3, seed=0, top_k=0,
+                                                     logit_bias={5: -1.5}))
+    assert asked.sampling["logprobs"] == 0 and asked.n == 3 and asked.sampling["seed"] == 0
+    assert asked.sampling["top_k"] == 0 and asked.sampling["logit_bias"] == {5: -1.5}
+
+
+def test_prompts_win_over_the_single_prompt_and_ids_over_text():
+    request = inference_pb2.GenerateRequest(prompt="ignored", prompts=[
+        inference_pb2.Prompt(text="a"), inference_pb2.Prompt(text="ignored", token_ids=[3, 4])])
+    assert generation(request).prompts == ["a", [3, 4]]
+    assert generation(inference_pb2.GenerateRequest(prompt="x", prompt_token_ids=[9])).prompts == [[9]]
 
 
 def test_a_response_carries_its_choice_and_logprobs():

@@ -16,17 +16,35 @@ def refusal(model, **body) -> str:
 
 
 def test_neutral_values_of_unimplemented_fields_are_accepted():
-    CompletionRequest.model_validate({"prompt": "x", "n": 1, "echo": False, "logprobs": None, "user": "u-1"})
-    ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "n": 1, "logprobs": False})
+    CompletionRequest.model_validate({"prompt": "x", "n": 1, "echo": False, "logprobs": None, "user": "u-1",
+                                      "best_of": 1, "suffix": "", "logit_bias": {}})
+    ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "n": 1, "logprobs": False,
+                                "tools": [], "tool_choice": "none", "response_format": {"type": "text"}})
+
+
+@pytest.mark.parametrize("prompt, prompts", [
+    ("hi", ["hi"]), ([5, 6], [[5, 6]]), (["a", "b"], ["a", "b"]), ([[5], [6, 7]], [[5], [6, 7]]), ([], []),
+])
+def test_every_prompt_form_is_a_list_of_prompts(prompt, prompts):
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompts() == prompts
+
+
+def test_the_extensions_benchmark_tools_send_are_fields():
+    body = CompletionRequest.model_validate({
+        "prompt": "x", "ignore_eos": True, "min_tokens": 3, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1,
+        "add_special_tokens": True, "logit_bias": {"7": -2}, "stream_options": {"continuous_usage_stats": True}})
+    assert body.sampling()["logit_bias"] == {7: -2.0} and body.usage_in_stream() == (False, True)
 
 
 def test_anything_else_is_refused_naming_the_field():
     assert refusal(CompletionRequest, prompt="x", best_of=2) == "best_of: not supported by this server"
     assert refusal(CompletionRequest, prompt="x", max_token=2) == "max_token: Extra inputs are not permitted"
-    assert refusal(ChatRequest, messages=[{"role": "user", "content": "x"}], tools=[]).startswith("tools")
+    assert refusal(ChatRequest, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]).startswith("tools")
     assert "max_tokens, max_completion_tokens" in refusal(
         ChatRequest, messages=[{"role": "user", "content": "x"}], max_tokens=1, max_completion_tokens=2)
     assert refusal(ChatRequest, messages=[]).startswith("messages")
+    assert refusal(CompletionRequest, prompt=["a", 1]).startswith("prompt")
+    assert refusal(CompletionRequest, prompt="x", logit_bias={"a": 1}).startswith("logit_bias")
 
 
 def test_messages_render_through_the_chat_template():
