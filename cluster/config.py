@@ -123,6 +123,11 @@ class ServeConfig(_Strict):
         "compute at once there (those on the node with placement spread, one with by_layer).",
     )
     serving_threads: int | None = Field(None, ge=1, description="Torch threads of the serving replica.")
+    serving_gpus: float = Field(
+        0.0, ge=0, le=1, description="GPUs Ray reserves for each serving replica (a fraction shares one). With one, "
+        "the dense model (embeddings, attention, KV cache, gates, lm_head) and sampling run on it, and the replica "
+        "can only be placed on a node that has one; 0: on the replica's CPUs.",
+    )
     placement: Literal["auto", "spread", "by_layer"] = Field(
         "auto", description="spread: each layer's experts over every worker, which compute a layer at once; "
         "by_layer: each layer on as few workers as an even load allows, so a layer makes fewer calls; auto: "

@@ -114,7 +114,7 @@ class ExpertBank:
     def __init__(self, model_dir, pairs: list[tuple[int, int]], dtype: torch.dtype | None = None, device="cpu"):
         config = load_config(model_dir)
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(config, dtype, self.device.type)
+        self.dtype = resolve_dtype(config, dtype, self.device)
         self.templates = experts_modules(meta_model(config))
         self.checkpoint = Checkpoint(model_dir)
         self.layers: dict[int, _LayerExperts] = {}

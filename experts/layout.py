@@ -39,17 +39,19 @@ def moe_shape(model_dir) -> dict[int, int]:
     return {layer: m.num_experts for layer, m in experts_modules(meta_model(load_config(model_dir))).items()}
 
 
-def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
-    """The compute dtype: the checkpoint's own for "auto", but never float16 on a CPU (it runs ~100x slower there)."""
+def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype | None,
+                  device: str | torch.device = "cpu") -> torch.dtype:
+    """The compute dtype on `device`: the checkpoint's own for "auto", but never float16 on a CPU (it runs ~100x
+    slower there)."""
     if dtype in (None, "auto"):
         dtype = config.dtype or torch.float32
     dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-    return torch.float32 if dtype == torch.float16 and device == "cpu" else dtype
+    return torch.float32 if dtype == torch.float16 and torch.device(device).type == "cpu" else dtype
 
 
-def expert_nbytes(model_dir, dtype: str | torch.dtype | None = "auto") -> int:
-    """Bytes of one routed expert's weights (the largest layer's), as a worker holds them."""
+def expert_nbytes(model_dir, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu") -> int:
+    """Bytes of one routed expert's weights (the largest layer's), as a worker on `device` holds them."""
     config = load_config(model_dir)
-    itemsize = resolve_dtype(config, dtype).itemsize
+    itemsize = resolve_dtype(config, dtype, device).itemsize
     layers = experts_modules(meta_model(config)).values()
     return max(sum(p.numel() for p in m.parameters()) // m.num_experts for m in layers) * itemsize

@@ -10,11 +10,12 @@ from experts.checkpoint import Checkpoint, CheckpointError
 from experts.layout import experts_modules, load_config, resolve_dtype
 
 
-def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.Module:
-    """The model with its routed experts' weights left out: `router.seam.route_experts` puts them behind a router
-    before its first forward."""
+def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto",
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """The model on `device`, with its routed experts' weights left out: `router.seam.route_experts` puts them
+    behind a router before its first forward."""
     config = load_config(model_dir)
-    dtype = resolve_dtype(config, dtype)
+    dtype = resolve_dtype(config, dtype, device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = experts_modules(model)
@@ -23,7 +24,7 @@ def load_dense_model(model_dir, dtype: str | torch.dtype | None = "auto") -> nn.
     for module in layers.values():
         module._parameters.clear()
         module._is_hf_initialized = True  # nothing to initialise: the weights live on the workers
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) are computed, not loaded
     _load_dense_tensors(model, Checkpoint(model_dir), dtype)
     return model.eval().requires_grad_(False)

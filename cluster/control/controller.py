@@ -37,7 +37,7 @@ from cluster.control.placement import (
     replica_counts,
     worker_loads,
 )
-from cluster.control.workers import WorkerSlots
+from cluster.control.workers import WorkerSlots, worker_device
 from experts.keys import expert_key, parse_expert_key
 from experts.layout import expert_nbytes, moe_shape
 from router.health import COUNTERS as ROUTER_COUNTERS
@@ -79,7 +79,7 @@ class ExpertController:
         self.config = with_live(version, plan_store.load_live(self.scope))
         self.model_dir = model_dir
         self.shape = moe_shape(model_dir)
-        self.expert_bytes = expert_nbytes(model_dir, self.config.dtype)
+        self.expert_bytes = expert_nbytes(model_dir, self.config.dtype, worker_device(self.config))
         self.version = 0
         self._start()
         self.window = TokenWindow(self.config.rebalance.window_s)

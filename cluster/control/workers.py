@@ -217,6 +217,11 @@ def _bundle(config: ServeConfig) -> dict:
     return bundle
 
 
+def worker_device(config: ServeConfig) -> str:
+    """Where the workers will hold their experts: on a GPU where their bundle reserves one."""
+    return "cuda" if "GPU" in _bundle(config) else "cpu"
+
+
 def _place(bundle: dict, size: int, timeout_s: float, name: str = ""):
     """A placement group of `size` bundles; refused at once when the cluster can never hold it.
 

@@ -154,8 +154,8 @@ BAD = {
         {"sets": ["networkPolicy.allowAll=true"]},
         ["at '/networkPolicy'", "additional properties 'allowAll' not allowed"]),
     "unknown key in the serving group": (
-        {"sets": ["servingGroup.gpus=1"]},
-        ["at '/servingGroup'", "additional properties 'gpus' not allowed"]),
+        {"sets": ["servingGroup.numGpus=1"]},
+        ["at '/servingGroup'", "additional properties 'numGpus' not allowed"]),
     "serving group with no room per pod": (
         {"sets": ["servingGroup.replicasPerPod=0"]},
         ["at '/servingGroup/replicasPerPod'", "minimum: got 0, want 1"]),

@@ -39,6 +39,9 @@ def test_bad_config_values_are_refused_with_the_field(tmp_path):
     path.write_text("stream_interval: 0\n")
     with pytest.raises(Exception, match="(?s)stream_interval.*greater than or equal to 1"):
         load_config(str(path))
+    path.write_text("serving_gpus: 2\n")
+    with pytest.raises(Exception, match="(?s)serving_gpus.*less than or equal to 1"):
+        load_config(str(path))
 
 
 def test_routing_report_refuses_a_bad_capacity_factor(capsys):

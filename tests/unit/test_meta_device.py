@@ -1,15 +1,20 @@
 """The expert math finds every tensor it creates on the device of the tensors it meets: weights and activations
 on the `meta` device, under `one_device`, fail here as they would on a GPU."""
 
+import json
+import shutil
+
+import grpc
 import pytest
 import torch
 
 from experts import bank
 from experts.bank import ExpertBank
 from experts.families import ARCHS
-from experts.layout import load_config, moe_shape
+from experts.layout import expert_nbytes, load_config, moe_shape
 from router.client import ExpertCallError, LayerReplies
 from router.local import LocalExperts
+from router.model import load_dense_model
 from router.remote import ExpertRouter
 from router.table import RoutingTable
 from tests.devices import DeviceMixed, one_device
@@ -58,7 +63,7 @@ class FailsOnce(LocalExperts):
         shares = dispatch.per_worker()
         if not getattr(self, "failed", False) and len(shares) > 1 and shares[0][0] == 0:
             self.failed = True
-            error = ExpertCallError(0, "bank-0", layer, shares[0][1], __import__("grpc").StatusCode.UNAVAILABLE, "gone")
+            error = ExpertCallError(0, "bank-0", layer, shares[0][1], grpc.StatusCode.UNAVAILABLE, "gone")
             return LayerReplies(replies.out, replies.compute_s, [(error, 0, sum(shares[0][2]))])
         return replies
 
@@ -82,3 +87,20 @@ def test_router_dispatch_retry_and_combine_keep_to_the_activations_device(checkp
         assert router.drain_counters()["retries"] > 0
     finally:
         router.close()
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "gpt_oss"))
+def test_the_dense_model_is_loaded_whole_on_the_device_asked_for(checkpoints, arch):
+    dense = load_dense_model(checkpoints[arch], "bfloat16", "meta")
+    tensors = dict(dense.named_parameters()) | dict(dense.named_buffers())
+    assert {name for name, t in tensors.items() if t.device.type != "meta"} == set()
+    assert {t.dtype for t in dense.parameters()} == {torch.bfloat16}
+
+
+def test_a_float16_checkpoint_is_budgeted_as_the_worker_holds_it(checkpoints, tmp_path):
+    path = shutil.copytree(checkpoints["olmoe"], tmp_path / "olmoe-fp16")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    on_cpu, on_gpu = expert_nbytes(path, "auto", "cpu"), expert_nbytes(path, "auto", "cuda")
+    assert on_cpu == 2 * on_gpu  # float16 runs as float32 on a CPU only
+    assert ExpertBank(path, [(0, 0)], device="meta").dtype == torch.float16

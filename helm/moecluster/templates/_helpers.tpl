@@ -173,6 +173,9 @@ applications:
         {{- end }}
         ray_actor_options:
           num_cpus: 1
+          {{- with .Values.serve.serving_gpus }}
+          num_gpus: {{ . }}
+          {{- end }}
           resources:
             {{ include "moecluster.servingResource" . }}: 1
 {{- end }}
