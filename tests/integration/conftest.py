@@ -65,6 +65,33 @@ def inference_stub(serve_endpoints):
     channel.close()
 
 
+APP = "api"  # the application of `app`
+
+
+@pytest.fixture(scope="session")
+def app(checkpoints, serve_endpoints):
+    """The mixtral checkpoint served on two expert workers, for the API's tests: its HTTP base URL."""
+    from ray import serve
+
+    deploy(APP, checkpoints["mixtral"], num_workers=2)
+    yield f"{serve_endpoints[0]}/{APP}"
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(checkpoints):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoints["mixtral"])
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    import openai
+
+    return openai.OpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 def deploy(name: str, model_dir, **config):
     from ray import serve
 

@@ -9,24 +9,9 @@ import httpx
 import pytest
 import ray
 from ray import serve
-from transformers import AutoTokenizer
 
-from tests.integration.conftest import deploy, generate, tokens
+from tests.integration.conftest import APP, deploy, generate, tokens
 from tests.reference import greedy, transformers_model
-
-APP = "api"
-
-
-@pytest.fixture(scope="module")
-def app(checkpoints, serve_endpoints):
-    deploy(APP, checkpoints["mixtral"], num_workers=2)
-    yield f"{serve_endpoints[0]}/{APP}"
-    serve.delete(APP)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoints):
-    return AutoTokenizer.from_pretrained(checkpoints["mixtral"])
 
 
 def test_http_and_grpc_give_the_same_tokens(app, inference_stub):
@@ -130,13 +115,6 @@ def test_a_second_server_on_the_same_ports_is_refused_and_the_first_keeps_servin
     assert body.status_code == 200
 
 
-@pytest.fixture(scope="module")
-def client(app):
-    import openai
-
-    return openai.OpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def test_the_openai_client_completes_and_lists_the_served_model(client, app, inference_stub):
     completion = client.completions.create(model=APP, prompt="Hello, world", max_tokens=6, temperature=0)
     want = tokens(generate(inference_stub, APP, prompt="Hello, world", max_tokens=6, temperature=0))
@@ -157,7 +135,7 @@ def test_a_model_not_served_is_404_model_not_found(client):
 
 
 @pytest.mark.parametrize("field", [{"n": 0}, {"best_of": 3}, {"logprobs": 21}, {"suffix": "!"},
-                                   {"presence_penalty": 0.5}, {"tools": []}, {"max_token": 3}])
+                                   {"presence_penalty": 3}, {"tools": []}, {"max_token": 3}])
 def test_a_field_not_implemented_is_refused_by_name(client, field):
     import openai
 
