@@ -16,10 +16,10 @@ from router.seam import route_experts
 from router.table import RoutingTable
 
 
-def transformers_model(path):
+def transformers_model(path, dtype=torch.float32):
     quantized = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
     options = {"quantization_config": Mxfp4Config(dequantize=True)} if quantized else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options).eval()
 
 
 MXFP4 = "gpt_oss_mxfp4"  # the `checkpoints` fixture's GPT-OSS with mxfp4 experts
@@ -58,13 +58,14 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def attach(model, path, num_workers: int, client_factory, replicas: int = 1) -> ExpertRouter:
-    """Place the model's experts on `num_workers` banks and route its experts modules to them."""
+def attach(model, path, num_workers: int, client_factory, replicas: int = 1, dtype=None) -> ExpertRouter:
+    """Place the model's experts on `num_workers` banks (in `dtype`, unset: the checkpoint's) and route its experts
+    modules to them."""
     layers = experts_modules(model)
     shape = {layer: m.num_experts for layer, m in layers.items()}
     slots = [WorkerSlot(node=f"node-{i}") for i in range(num_workers)]
     plan = plan_placement(replica_counts(shape, {}, replicas), slots, expert_bytes=1)
-    client = client_factory([ExpertBank(path, pairs) for pairs in plan])
+    client = client_factory([ExpertBank(path, pairs, dtype) for pairs in plan])
     addresses = getattr(client, "addresses", {w: f"bank-{w}" for w in range(num_workers)})
     router = ExpertRouter(RoutingTable.from_plan(0, plan, addresses, shape), client)
     route_experts(model, router)
