@@ -66,6 +66,7 @@ api.add_middleware(BodyLimit)
 REPORT_INTERVAL_S = 0.2
 METRICS_EVERY = 5  # reports: how often a replica's metrics go to the controller, for scrapes of another replica
 DEMO_MODEL_NAME = "moecluster-default"
+READ = ["GET", "HEAD"]  # benchmark tools probe a route with HEAD before they GET it
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
 
@@ -299,11 +300,11 @@ class MoEServer:
 
     # --- HTTP: OpenAI-compatible ---
 
-    @api.get("/health")
+    @api.api_route("/health", methods=READ)
     def health(self):
         return {"status": "ok"}
 
-    @api.get("/metrics")
+    @api.api_route("/metrics", methods=READ)
     def prometheus(self, authorization: str | None = Header(None)):
         if not self.config.metrics_open:
             self.keys.check(authorization)
@@ -316,12 +317,12 @@ class MoEServer:
             others = {}
         return metrics.merge_replicas({**others, self._router_id: self.metrics.render()})
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=READ)
     def models(self, authorization: str | None = Header(None)):
         self.keys.check(authorization)
         return {"object": "list", "data": [self._model_card()]}
 
-    @api.get("/v1/models/{model_id:path}")
+    @api.api_route("/v1/models/{model_id:path}", methods=READ)
     def model(self, model_id: str, authorization: str | None = Header(None)):
         self.keys.check(authorization)
         self._check_model(model_id)

@@ -1,5 +1,6 @@
 """OpenAI-compatible completions: request and response shapes."""
 
+import itertools
 import time
 import uuid
 
@@ -114,9 +115,10 @@ def completion_logprobs(tokenizer, logprobs: list | None, text_offset: int = 0) 
     first token has no logprob and no alternatives (null)."""
     if logprobs is None:
         return None
-    tokens = [tokenizer.decode([lp.token_id]) for lp in logprobs]
-    offsets = [text_offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
-    top = [None if lp.logprob is None else {tokenizer.decode([t]): v for t, v in lp.top} for lp in logprobs]
+    tokens = tokenizer.batch_decode([[lp.token_id] for lp in logprobs])
+    offsets = list(itertools.accumulate(map(len, tokens), initial=text_offset))[:len(tokens)]
+    top = [None if lp.logprob is None else dict(zip(tokenizer.batch_decode([[t] for t, _ in lp.top]),
+                                                    (v for _, v in lp.top))) for lp in logprobs]
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
             "text_offset": offsets}
 

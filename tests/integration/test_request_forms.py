@@ -81,6 +81,12 @@ def test_what_benchmark_tools_send_by_default_is_served(app, fields):
     assert complete(app, prompt="Hello", max_tokens=3, **fields)["usage"]["completion_tokens"] == 3
 
 
+def test_the_routes_tools_probe_answer_head(app):
+    for path in ("/health", "/metrics", "/v1/models", f"/v1/models/{APP}"):
+        reply = httpx.head(f"{app}{path}", timeout=30)
+        assert reply.status_code == 200 and reply.content == b"", path
+
+
 def test_the_sampling_extensions_do_what_they_ask(app, inference_stub, checkpoints, tokenizer):
     oracle = transformers_model(checkpoints["mixtral"])
     eos = tokenizer.eos_token_id

@@ -54,3 +54,18 @@ def test_messages_render_through_the_chat_template():
     tokenizer.chat_template = None
     with pytest.raises(InvalidRequest, match="no chat template"):
         render(tokenizer, [Message(role="user", content="Hi")])
+
+
+def test_completion_logprobs_offsets_follow_the_tokens_text():
+    from cluster.engine.sequence import TokenLogprob
+    from cluster.serving.openai_api import completion_logprobs
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer.encode("Pack my box", add_special_tokens=False)
+    logprobs = [TokenLogprob(ids[0], None)] + [TokenLogprob(t, -1.0, ((t, -1.0),)) for t in ids[1:]]
+    body = completion_logprobs(tokenizer, logprobs, text_offset=4)
+    pieces = [tokenizer.decode([t]) for t in ids]
+    assert body["tokens"] == pieces and body["top_logprobs"][0] is None
+    assert body["text_offset"] == [4 + len("".join(pieces[:i])) for i in range(len(ids))]
+    assert body["top_logprobs"][1] == {pieces[1]: -1.0}
+    assert completion_logprobs(tokenizer, [])["text_offset"] == []
