@@ -53,19 +53,19 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 
 
 def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 
 
-def attach(model, path, num_workers: int, client_factory, replicas: int = 1, dtype=None) -> ExpertRouter:
-    """Place the model's experts on `num_workers` banks (in `dtype`, unset: the checkpoint's) and route its experts
-    modules to them."""
+def attach(model, path, num_workers: int, client_factory, replicas: int = 1, dtype=None, device="cpu") -> ExpertRouter:
+    """Place the model's experts on `num_workers` banks (on `device`, in `dtype`, unset: the checkpoint's) and route
+    its experts modules to them."""
     layers = experts_modules(model)
     shape = {layer: m.num_experts for layer, m in layers.items()}
     slots = [WorkerSlot(node=f"node-{i}") for i in range(num_workers)]
     plan = plan_placement(replica_counts(shape, {}, replicas), slots, expert_bytes=1)
-    client = client_factory([ExpertBank(path, pairs, dtype) for pairs in plan])
+    client = client_factory([ExpertBank(path, pairs, dtype, device) for pairs in plan])
     addresses = getattr(client, "addresses", {w: f"bank-{w}" for w in range(num_workers)})
     router = ExpertRouter(RoutingTable.from_plan(0, plan, addresses, shape), client)
     route_experts(model, router)
