@@ -11,10 +11,10 @@ import torch
 
 class HostStaging:
     def __init__(self):
-        self._buffers = threading.local()  # role -> (pinned bytes, event after the last copy from them or None)
+        self._local = threading.local()  # this thread's {role: (pinned bytes, event after the last copy from them)}
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` in host memory, contiguous; valid until this thread's next `to_host`."""
+        """`tensor` in host memory; valid until this thread's next `to_host`."""
         if tensor.device.type != "cuda":
             return tensor
         host = self._take("to_host", tensor.shape, tensor.dtype)
@@ -32,21 +32,24 @@ class HostStaging:
         """`host` on `device`. A host tensor that is not this thread's received buffer is first copied into it."""
         if device.type != "cuda":
             return host.to(device)
-        buffer, _ = self._buffers.__dict__.get("received", (None, None))
+        buffer, _ = self._slots().get("received", (None, None))
         if buffer is None or host.data_ptr() != buffer.data_ptr():
             host = self._take("received", host.shape, host.dtype).copy_(host)
         out = host.to(device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        self._buffers.__dict__["received"] = (self._buffers.__dict__["received"][0], event)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(device))
+        self._slots()["received"] = (self._slots()["received"][0], copied)
         return out
 
+    def _slots(self) -> dict:
+        return vars(self._local)
+
     def _take(self, role: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        buffer, pending = self._buffers.__dict__.get(role, (None, None))
-        if pending is not None:
-            pending.synchronize()  # a copy from it may still be in flight
+        buffer, copied = self._slots().get(role, (None, None))
+        if copied is not None:
+            copied.synchronize()  # a copy from it may still be in flight
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        self._buffers.__dict__[role] = (buffer, None)
+        self._slots()[role] = (buffer, None)
         return buffer[:nbytes].view(dtype).view(shape)
