@@ -24,6 +24,15 @@ def ray_cluster():
     ray.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The GPU check makes its own Ray cluster, so it runs only when asked for, never beside the integration tests'."""
+    if "gpu" in config.getoption("markexpr", ""):
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="the GPU check runs on its own: pytest -m gpu tests/gpu"))
+
+
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("GPU figures")
