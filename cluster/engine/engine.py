@@ -1,27 +1,24 @@
 """Continuous batching: requests join and leave the running batch at every decode step.
 
-Each lane owns a batch and its KV cache; request handlers talk to it through `Sequence.emit`.
-B = running sequences, S = cached positions, V = vocabulary
+Each lane (cluster/engine/lane.py) owns a batch and its KV cache; request handlers talk to it through
+`Sequence.emit`. Admission is by batch slots and by KV-cache positions; a sequence preempted for room waits again
+at the front.
 """
 
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Iterator
 
-import torch
-from transformers import DynamicCache
-
-from cluster.engine import kv_batch
 from cluster.engine.detokenize import IncrementalText
-from cluster.engine.sampling import Sampler, prompt_logprobs, token_logprob
-from cluster.engine.sequence import Event, SamplingParams, Sequence, TokenLogprob
+from cluster.engine.lane import Lane
+from cluster.engine.prefix_cache import PrefixCache
+from cluster.engine.sampling import Sampler
+from cluster.engine.sequence import Event, SamplingParams, Sequence
 from cluster.engine.waiting import Waiting
-from cluster.errors import ExpertUnavailable, as_serving_error
+from cluster.errors import InvalidRequest
 from experts.threads import use_process_threads
 
-log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.1  # how long an idle lane waits for work before it looks at `close` again
 
 
@@ -31,25 +28,37 @@ class Engine:
     without, the caller drives it with `step` (as `generate` and `stream` then do)."""
 
     def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 64, max_waiting: int = 1024,
-                 step_tokens=None, lanes: int = 1, background: bool = True):
+                 step_tokens=None, lanes: int = 1, background: bool = True, prefill_chunk_tokens: int | None = None,
+                 kv_cache_tokens: int | None = None, prefix_cache_tokens: int = 0):
+        """`prefill_chunk_tokens`: most prompt tokens a step prefills while sequences decode (None: whole
+        prompts); `kv_cache_tokens`: most KV-cache positions of all lanes (None: no bound);
+        `prefix_cache_tokens`: positions of prompt prefixes kept for reuse (0: none)."""
         self.model, self.tokenizer = model, tokenizer
         self.step_tokens = step_tokens or _no_context  # (input ids) -> a context each forward runs in
         self.context_len, self.max_batch_size = context_len, max_batch_size
+        self.prefill_chunk_tokens, self.kv_cache_tokens = prefill_chunk_tokens, kv_cache_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.preemptions = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
         self._waiting = Waiting(max_waiting)
         self._closed = threading.Event()
         self.background = background
-        self.lanes = [_Lane(self, i) for i in range(lanes)]
+        self.lanes = [Lane(self, i) for i in range(lanes)]
         if background:
             for lane in self.lanes:
-                threading.Thread(target=lane.loop, name=f"moecluster-engine-{lane.index}", daemon=True).start()
+                threading.Thread(target=self._loop, args=(lane,), name=f"moecluster-engine-{lane.index}",
+                                 daemon=True).start()
 
     def submit(self, sequence: Sequence) -> None:
         self.submit_all([sequence])
 
     def submit_all(self, sequences: list[Sequence]) -> None:
         """Sequences that wait together and join a batch together: the prompts and choices of one request."""
+        for sequence in sequences:
+            if self.kv_cache_tokens is not None and len(sequence.prompt_ids) > self.kv_cache_tokens:
+                raise InvalidRequest(f"prompt has {len(sequence.prompt_ids)} tokens; the KV cache holds "
+                                     f"{self.kv_cache_tokens} positions (kv_cache_tokens)")
         for sequence in sequences:
             sequence.text = IncrementalText(self.tokenizer)
             sequence.sampler = Sampler(sequence.params, len(sequence.prompt_ids), self.eos_ids)
@@ -92,7 +101,21 @@ class Engine:
         return out
 
     def running(self) -> int:
-        return sum(len(lane.running) for lane in self.lanes)
+        """Sequences in a batch: decoding, or their prompts being prefilled."""
+        return sum(len(lane.running) + len(lane.prefilling) for lane in self.lanes)
+
+    def cache_positions(self) -> int:
+        return sum(lane.cache_positions() for lane in self.lanes)
+
+    def cache_usage(self) -> float:
+        """The share of the KV-cache budget in use (0 without a budget)."""
+        return self.cache_positions() / self.kv_cache_tokens if self.kv_cache_tokens else 0.0
+
+    def preempted(self, sequence: Sequence) -> None:
+        """`sequence` left its batch for room: it waits again, first in line."""
+        self.preemptions += 1
+        sequence.prefix_checked = False
+        self._waiting.put_first(sequence)
 
     def waiting(self) -> int:
         return len(self._waiting)
@@ -108,141 +131,24 @@ class Engine:
             self.step()
         return events.get_nowait()
 
-    def admit(self, lane: "_Lane", wait_s: float) -> list[Sequence]:
-        """New sequences for `lane`: its fair share of what runs and waits; an idle lane waits up to `wait_s`."""
-        new = []
-        if not lane.running:
-            first = self._waiting.get(wait_s)
-            if first is None:
-                return []
-            new = [first]
-        total = sum(len(other.running) for other in self.lanes) + len(new) + len(self._waiting)
+    def admit(self, lane: Lane, wait_s: float) -> list[Sequence]:
+        """New sequences for `lane`: its fair share of what runs and waits, as far as the KV-cache budget has
+        room for their prompts; an idle lane waits up to `wait_s` for the first."""
+        busy = len(lane.running) + len(lane.prefilling)
+        if not busy and not len(self._waiting):
+            self._waiting.wait(wait_s)
+        total = sum(len(other.running) + len(other.prefilling) for other in self.lanes) + len(self._waiting)
         share = min(-(-total // len(self.lanes)), self.max_batch_size // len(self.lanes) or 1)
-        new += self._waiting.take(share - len(lane.running) - len(new))
+        used = self.cache_positions()
+        # with nothing cached, the first in line runs even if it outgrew the budget while it decoded before
+        room = None if self.kv_cache_tokens is None or not used else self.kv_cache_tokens - used
+        new = self._waiting.take(share - busy, room)
         return [s for s in new if not s.cancelled]
 
-
-class _Lane:
-    """One running batch with its own KV cache."""
-
-    def __init__(self, engine: Engine, index: int):
-        self.engine, self.model, self.index = engine, engine.model, index
-        self.running: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, S]
-
-    def loop(self) -> None:
+    def _loop(self, lane: Lane) -> None:
         use_process_threads()
-        while not self.engine._closed.is_set():
-            self.step(wait_s=IDLE_WAIT_S)
-
-    def step(self, wait_s: float) -> bool:
-        """Admit, prefill the new sequences, decode one token for every running one; False if there was nothing."""
-        new = self.engine.admit(self, wait_s)
-        if not new and not self.running:
-            return False
-        try:
-            with torch.inference_mode():
-                if new:
-                    self._prefill(new)
-                if self.running:
-                    self._decode()
-        except Exception as error:  # a failed step fails every sequence in it, never a wrong token
-            if isinstance(as_serving_error(error), ExpertUnavailable):
-                log.warning("engine step failed: %s", error)
-            else:
-                log.exception("engine step failed")
-            self._fail(self.running + [s for s in new if s not in self.running], error)
-        return True
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        ids, mask = kv_batch.left_padded([s.prompt_ids for s in seqs], self.engine.pad_id)  # [n, L], [n, L]
-        cache = kv_batch.new_cache(self.model.config)
-        scored = [s.params.prompt_logprobs is not None for s in seqs]
-        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, every_position=any(scored))
-        for seq, rows, score in zip(seqs, logits, scored):  # rows: [L or 1, V]
-            if score:
-                seq.prompt_logprobs = prompt_logprobs(rows[-len(seq.prompt_ids):], seq.prompt_ids,
-                                                      seq.params.prompt_logprobs)
-        self._join(seqs, cache, mask)
-        self._advance(seqs, logits[:, -1])
-
-    def _decode(self) -> None:
-        last = torch.tensor([[s.generated[-1]] for s in self.running])  # [B, 1]
-        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # [B, S + 1]
-        positions = torch.tensor([[s.length - 1] for s in self.running])  # [B, 1]
-        logits = self._forward(last, self._mask, positions, self._cache)
-        self._advance(self.running, logits[:, -1])
-
-    def _forward(self, ids, mask, positions, cache, every_position: bool = False) -> torch.Tensor:
-        """[B, L, V] logits at every position, or [B, 1, V] at the last only."""
-        with self.engine.step_tokens(ids):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=0 if every_position else 1,
-            )
-        return out.logits.float()
-
-    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if not self.running:
-            self.running, self._cache, self._mask = list(seqs), cache, mask
-            return
-        width = max(mask.shape[1], self._mask.shape[1])
-        self._mask = kv_batch.pad_left(self._cache, self._mask, width)
-        mask = kv_batch.pad_left(cache, mask, width)
-        kv_batch.concat(self._cache, cache)
-        self._mask = torch.cat([self._mask, mask])
-        self.running += seqs
-
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        greedy = logits.argmax(-1).tolist()  # [B], one call for every greedy row
-        for seq, row, best in zip(seqs, logits, greedy):
-            p, sampler = seq.params, seq.sampler
-            if p.max_tokens == 0:  # scoring a prompt (echo): its logprobs are the whole answer
-                seq.done = True
-                seq.emit(Event(token_ids=[], text="", finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
-                continue
-            if sampler.adjust:
-                row = sampler.adjusted(row, seq.prompt_ids + seq.generated)
-            token = best if p.temperature == 0 and not sampler.adjust else sampler.draw(row)
-            logprob = None if p.logprobs is None else token_logprob(row, token, p.temperature, p.logprobs)
-            self._append(seq, token, logprob)
-        keep = [i for i, s in enumerate(self.running) if not (s.done or s.cancelled)]
-        if len(keep) < len(self.running):
-            self._mask = kv_batch.select_rows(self._cache, self._mask, keep) if keep else None
-            self.running = [self.running[i] for i in keep]
-            if not keep:
-                self._cache = None
-
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        seq.generated.append(token)
-        seq.text.add(token)
-        text = seq.text.text
-        stop_at = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
-        finish = None
-        if (token in self.engine.eos_ids and not seq.params.ignore_eos) or stop_at >= 0:
-            finish, text = "stop", text[:stop_at] if stop_at >= 0 else seq.text.flush()
-        elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.engine.context_len:
-            finish, text = "length", seq.text.flush()
-        end = len(text) if finish else len(text) - _unsettled_suffix(text, seq.params.stop)
-        delta = text[seq.sent_chars:end] if end > seq.sent_chars else ""
-        seq.sent_chars += len(delta)
-        seq.done = finish is not None
-        seq.emit(Event(token_ids=[token], text=delta, finish_reason=finish,
-                       logprobs=None if logprob is None else [logprob], prompt_logprobs=seq.prompt_logprobs))
-        seq.prompt_logprobs = None
-
-    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
-        serving_error = as_serving_error(error)
-        for seq in seqs:
-            seq.done = True
-            seq.emit(Event(token_ids=[], text="", error=serving_error))
-        self.running, self._cache, self._mask = [], None, None
-
-
-def _unsettled_suffix(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that may still change: the start of a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        while not self._closed.is_set():
+            lane.step(wait_s=IDLE_WAIT_S)
 
 
 def _no_context(ids):

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 from cluster.engine.detokenize import IncrementalText
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from cluster.engine.sampling import Sampler
 
 
@@ -60,6 +62,20 @@ class Sequence:
     text: IncrementalText | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first event
     sampler: "Sampler | None" = None  # set by the engine that admits it
+    cache: "DynamicCache | None" = None  # its own, while its prompt is prefilled chunk by chunk
+    prefilled: int = 0  # positions of `prefill_ids` in `cache`
+    prefix_checked: bool = False  # whether the prefix cache was asked for its prompt
+    scored_rows: list = field(default_factory=list)  # [n, V] logits of each prefilled chunk, when scoring
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What a prefill computes: the prompt, and, for a sequence preempted while decoding, every token it
+        generated but the last, which the next decode step takes."""
+        return self.prompt_ids + self.generated[:-1]
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.generated
 
     @property
     def length(self) -> int:

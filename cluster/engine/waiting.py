@@ -23,17 +23,30 @@ class Waiting:
             self._sequences.extend(sequences)
             self._ready.notify()
 
-    def get(self, wait_s: float) -> Sequence | None:
-        """The first waiting sequence; when none waits, the first to come within `wait_s`."""
+    def put_first(self, sequence: Sequence) -> None:
+        """`sequence` again, ahead of every other: it was admitted once already."""
+        with self._ready:
+            self._sequences.appendleft(sequence)
+            self._ready.notify()
+
+    def wait(self, wait_s: float) -> None:
+        """Until a sequence waits, or `wait_s` has passed."""
         with self._ready:
             if not self._sequences and wait_s:
                 self._ready.wait(wait_s)
-            return self._sequences.popleft() if self._sequences else None
 
-    def take(self, most: int) -> list[Sequence]:
-        """Up to `most` waiting sequences, without waiting."""
+    def take(self, most: int, room: int | None = None) -> list[Sequence]:
+        """Up to `most` waiting sequences in order, without waiting, as long as their prompts fit in `room`
+        KV-cache positions (None: no bound)."""
+        taken = []
         with self._ready:
-            return [self._sequences.popleft() for _ in range(min(most, len(self._sequences)))]
+            while self._sequences and len(taken) < most:
+                need = len(self._sequences[0].prefill_ids)
+                if room is not None and need > room:
+                    break
+                room = None if room is None else room - need
+                taken.append(self._sequences.popleft())
+        return taken
 
     def __len__(self) -> int:
         return len(self._sequences)
