@@ -76,10 +76,14 @@ def _randomize_zero_biases(model) -> None:
                 tensor.normal_(0.0, 0.1)
 
 
+def cache_dir() -> Path:
+    """Where moecluster keeps what it makes once and reuses: the default model, the test tools' environment."""
+    return Path(os.environ.get("MOECLUSTER_CACHE", Path.home() / ".cache" / "moecluster"))
+
+
 def default_model_dir() -> Path:
     """The embedded default model, made once (deterministically) in the cache directory."""
-    cache = Path(os.environ.get("MOECLUSTER_CACHE", Path.home() / ".cache" / "moecluster"))
-    target = cache / "models" / f"{DEFAULT_ARCH}-default-{DEFAULT_VERSION}"
+    target = cache_dir() / "models" / f"{DEFAULT_ARCH}-default-{DEFAULT_VERSION}"
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent))
