@@ -89,7 +89,9 @@ class ExpertServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.address = f"{host}:{self.grpc.add_insecure_port(f'{host}:{port}')}"  # the node's address only
         self.grpc.start()
-        self.unix = UnixServer(self.servicer.forward, self.address, limits)
+        on_gpu = bank.device.type == "cuda"  # rows received straight into pinned memory, then one DMA
+        self.unix = UnixServer(self.servicer.forward, self.address, limits,
+                               self.servicer.staging.received_bytes if on_gpu else None)
         health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 

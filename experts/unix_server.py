@@ -16,10 +16,12 @@ from protos.wire.tensor import header, raw_bytes
 
 
 class UnixServer:
-    def __init__(self, forward, address: str, limits: unix_stream.FrameLimits = unix_stream.DEFAULT_LIMITS):
+    def __init__(self, forward, address: str, limits: unix_stream.FrameLimits = unix_stream.DEFAULT_LIMITS,
+                 receive_into=None):
         """`forward(request, tensor bytes) -> (output, compute s)` raises `unix_stream.CallFailed` for a failed
-        call."""
+        call. `receive_into(n)`: where each call's n tensor bytes are received (unset: a new buffer each)."""
         self.forward, self.name, self.limits = forward, unix_stream.socket_name(address), limits
+        self.receive_into = receive_into
         self._unlink()  # a socket file left by a worker that died on this address
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.name)
@@ -51,7 +53,7 @@ class UnixServer:
     def _answer(self, conn: socket.socket) -> None:
         while True:
             try:
-                _, message, data = unix_stream.receive(conn, self.limits)
+                _, message, data = unix_stream.receive(conn, self.limits, self.receive_into)
             except unix_stream.FrameTooLarge as error:  # say why, then hang up: the stream is out of step
                 unix_stream.send(conn, str(error).encode(), code=grpc.StatusCode.RESOURCE_EXHAUSTED)
                 return

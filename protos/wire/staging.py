@@ -28,6 +28,10 @@ class HostStaging:
             return torch.empty(tensor.shape, dtype=tensor.dtype)
         return self._take("received", tensor.shape, tensor.dtype)
 
+    def received_bytes(self, nbytes: int) -> memoryview:
+        """This thread's received buffer as `nbytes` writable bytes, to receive a tensor's raw bytes into."""
+        return memoryview(self._take("received", (nbytes,), torch.uint8).numpy())
+
     def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`host` on `device`. A host tensor that is not this thread's received buffer is first copied into it."""
         if device.type != "cuda":

@@ -29,7 +29,7 @@ def to_proto(tensor: torch.Tensor) -> expert_pb2.Tensor:
     return message
 
 
-def from_proto(message: expert_pb2.Tensor, data: bytes | bytearray | None = None) -> torch.Tensor:
+def from_proto(message: expert_pb2.Tensor, data: bytes | bytearray | memoryview | None = None) -> torch.Tensor:
     """The tensor `message` describes, over `data` (default: its own `data` field), without copying it."""
     dtype = _DTYPES.get(message.dtype)
     if dtype is None:

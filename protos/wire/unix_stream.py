@@ -11,6 +11,7 @@ import socket
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,18 +66,22 @@ def send(sock: socket.socket, message: bytes, tensor_bytes: memoryview | bytes =
         sock.sendall(tensor_bytes)
 
 
-def receive(sock: socket.socket, limits: FrameLimits = DEFAULT_LIMITS) -> tuple[grpc.StatusCode, bytearray, bytearray]:
-    """(status code, message, tensor bytes)."""
+def receive(sock: socket.socket, limits: FrameLimits = DEFAULT_LIMITS, into: Callable[[int], memoryview] | None = None
+            ) -> tuple[grpc.StatusCode, bytearray, bytearray | memoryview]:
+    """(status code, message, tensor bytes). `into(n)`: a writable buffer of n bytes to receive the tensor bytes
+    in (unset: a new bytearray)."""
     size, tensor_size, code = _HEADER.unpack(_exactly(sock, _HEADER.size))
     if size > limits.message_bytes or tensor_size > limits.tensor_bytes:
         raise FrameTooLarge(f"a frame announced a {size}-byte message and {tensor_size} tensor bytes; the limits "
                             f"are {limits.message_bytes} and {limits.tensor_bytes} (limits.frame_message_bytes, "
                             "limits.frame_tensor_bytes)")
-    return _CODES.get(code, grpc.StatusCode.UNKNOWN), _exactly(sock, size), _exactly(sock, tensor_size)
+    message = _exactly(sock, size)
+    tensor = _exactly(sock, tensor_size, into(tensor_size) if into is not None else None)
+    return _CODES.get(code, grpc.StatusCode.UNKNOWN), message, tensor
 
 
-def _exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
+def _exactly(sock: socket.socket, size: int, buffer: memoryview | None = None) -> bytearray | memoryview:
+    buffer = bytearray(size) if buffer is None else buffer
     view, got = memoryview(buffer), 0
     while got < size:
         n = sock.recv_into(view[got:])

@@ -30,3 +30,19 @@ def test_header_and_raw_bytes_round_trip_without_copies(dtype):
     assert torch.equal(out, tensor[2:])
     out.zero_()  # the tensor is the received buffer itself, not a copy of it
     assert not any(received)
+
+
+def test_a_frame_is_received_into_the_buffer_given():
+    import socket
+
+    from protos.wire import unix_stream
+
+    tensor, given = torch.randn(3, 4).to(torch.bfloat16), bytearray(24)
+    sent, received = socket.socketpair()
+    with sent, received:
+        unix_stream.send(sent, header(tensor).SerializeToString(), raw_bytes(tensor))
+        code, message, data = unix_stream.receive(received, into=lambda n: memoryview(given)[:n])
+    out = from_proto(expert_pb2.Tensor.FromString(bytes(message)), data)
+    assert torch.equal(out, tensor) and bytes(given) == bytes(raw_bytes(tensor))
+    out.zero_()  # the tensor is the given buffer itself
+    assert not any(given)
