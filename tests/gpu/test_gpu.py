@@ -53,6 +53,10 @@ def test_host_staging_round_trips_through_reused_pinned_buffers():
     received = staging.host_like(x).copy_(x.cpu())
     assert received.is_pinned() and torch.equal(staging.to_device(received, x.device), x)
     assert torch.equal(staging.to_device(x.cpu(), x.device), x)  # pageable memory goes through the buffer
+    raw = staging.received_bytes(x.numel() * x.element_size())  # as a worker receives a call's rows
+    raw[:] = memoryview(x.cpu().reshape(-1).view(torch.uint8).numpy())
+    rows = torch.frombuffer(raw, dtype=torch.uint8).view(x.dtype).view(x.shape)
+    assert rows.is_pinned() and torch.equal(staging.to_device(rows, x.device), x)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
