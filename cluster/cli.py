@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness works")
     bench.add_argument("--json-out", help="write the JSON report here too")
+    bench.add_argument("--target-url", action="append", metavar="URL",
+                       help="play the workload over HTTP against this OpenAI-compatible server serving --model's "
+                            "checkpoint, and nothing else; repeat it to put servers side by side")
     bench.set_defaults(run=_bench)
 
     cal = commands.add_parser("calibrate", help="fit k-means routing centroids on sample prompts")
@@ -252,15 +255,23 @@ def _bench(args) -> int:
                  arrival=args.arrival, rate=args.rate, seed=args.seed)
     workload = Workload(args.workload, requests_per_stream=args.requests_per_stream,
                         prompt_lengths=args.prompt_lengths, output_lengths=args.output_lengths, **shape)
-    report = bench(args.model or str(default_model_dir()), workload, args.workers, args.dtype, args.micro_iters,
-                   baselines=not args.no_baselines, stream_interval=args.stream_interval,
-                   placement=args.placement, equal=Workload("equal", requests_per_stream=1, **shape))
+    model = args.model or str(default_model_dir())
+    if args.target_url:
+        from cluster.tools.targets import bench_targets
+        from cluster.tools.targets import print_targets as summary
+
+        report = bench_targets(model, workload, args.target_url)
+    else:
+        summary = print_summary
+        report = bench(model, workload, args.workers, args.dtype, args.micro_iters, baselines=not args.no_baselines,
+                       stream_interval=args.stream_interval, placement=args.placement,
+                       equal=Workload("equal", requests_per_stream=1, **shape))
     text = json.dumps(report, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as f:
             f.write(text)
     print(text)
-    print_summary(report)
+    summary(report)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The tools people point at an OpenAI server, as released, with their default request bodies, against one served
 checkpoint: serving benchmarks (aiperf, guidellm) whose every request must succeed, and an evaluation harness's
-completions backend (lm-eval's local-completions) whose scores and generations must be transformers'.
+completions backend (lm-eval's local-completions) whose scores and generations must be transformers'; and
+`moecluster bench --target-url`, which plays the bench's workload against any such server.
 
 The tools run from the `tools` extra's own venv (tests/tools_env.py), made once and kept in moecluster's cache.
 """
@@ -14,6 +15,7 @@ import torch
 from ray import serve
 from transformers import AutoTokenizer
 
+from cluster.cli import main
 from cluster.demo_model import cache_dir
 from tests.integration.conftest import deploy
 from tests.reference import greedy, transformers_model
@@ -98,3 +100,14 @@ def cut(text: str, stops: list[str]) -> str:
     for stop in stops:
         text = text.split(stop)[0]
     return text
+
+
+def test_the_bench_plays_its_workload_against_a_served_url(app, checkpoints, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(checkpoints["mixtral"]), "--target-url", app, "--streams", "2",
+                 "--requests-per-stream", "2", "--prompt-lengths", "4:8:16", "--output-lengths", "2:4:8",
+                 "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    served, asked = report["targets"][app], report["workload"]["lengths"]["output_tokens"]["total"]
+    assert served["model"] == APP and served["requests"] == 4 and 4 <= served["output_tokens"] <= asked
+    assert served["ttft_ms"]["p50"] > 0 and report["vs_first"] == {app: 1.0}
