@@ -163,6 +163,25 @@ class ServeConfig(_Strict):
         1024, ge=1, description="Sequences (each prompt's each choice) queued for a batch slot before "
         "RESOURCE_EXHAUSTED.",
     )
+    prefill_chunk_tokens: int = Field(
+        128, ge=1, description="Most prompt tokens a step prefills while sequences decode (chunked prefill): a long "
+        "prompt is prefilled over several steps, so running streams never wait for its whole prefill; with none "
+        "decoding, prompts are prefilled whole.",
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=1, description="KV-cache positions of the serving replica's batches, padding included. Requests "
+        "are admitted as far as it has room for their prompts; a step that would pass it preempts the newest "
+        "sequences, which wait again and are prefilled again. Unset: kv_cache_memory_fraction of the memory free "
+        "at start.",
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.4, gt=0, le=1, description="Share of the memory free at start (the GPU's, or the host's) that an unset "
+        "kv_cache_tokens takes.",
+    )
+    prefix_cache_tokens: int | None = Field(
+        None, ge=0, description="KV-cache positions of prompt prefixes (whole blocks of 16 tokens) kept for "
+        "requests that share them, least recently used out first; 0: none. Unset: a quarter of kv_cache_tokens.",
+    )
     stream_interval: int = Field(
         1, ge=1, description="Fewest tokens per streamed message after the first (a stream that fell behind sends "
         "all it has at once); more cut the ingress's CPU per token."
@@ -202,7 +221,7 @@ def choices(model: type[BaseModel], field: str) -> tuple[str, ...]:
 LIVE_FIELDS = frozenset({
     "default_replicas", "expert_replicas", "routing", "rebalance", "expert_timeout_s", "call_deadline", "hedge",
     "max_batch_size", "max_waiting", "stream_interval", "default_max_tokens", "api_keys_file", "limits",
-    "metrics_open",
+    "metrics_open", "prefill_chunk_tokens", "kv_cache_tokens", "kv_cache_memory_fraction", "prefix_cache_tokens",
 })  # applied in place by every replica (Serve's user_config)
 SCALING_FIELDS = frozenset({"num_replicas", "autoscaling"})  # Serve's own options for the serving replicas
 WORKER_LIMITS = frozenset({"frame_message_bytes", "frame_tensor_bytes"})  # limits the workers' servers are built with

@@ -64,6 +64,14 @@ class Engine:
             sequence.sampler = Sampler(sequence.params, len(sequence.prompt_ids), self.eos_ids)
         self._waiting.put_all(sequences)
 
+    def schedule(self, prefill_chunk_tokens: int | None, kv_cache_tokens: int | None,
+                 prefix_cache_tokens: int) -> None:
+        """The budgets of the steps from now on (see __init__); a prefix cache of another capacity starts empty."""
+        self.prefill_chunk_tokens, self.kv_cache_tokens = prefill_chunk_tokens, kv_cache_tokens
+        current = self.prefix_cache.capacity if self.prefix_cache is not None else 0
+        if prefix_cache_tokens != current:
+            self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+
     def resize_queue(self, max_waiting: int) -> None:
         """How many sequences may wait for a batch slot, from now on."""
         self._waiting.max_waiting = max_waiting
@@ -107,9 +115,13 @@ class Engine:
     def cache_positions(self) -> int:
         return sum(lane.cache_positions() for lane in self.lanes)
 
-    def cache_usage(self) -> float:
-        """The share of the KV-cache budget in use (0 without a budget)."""
-        return self.cache_positions() / self.kv_cache_tokens if self.kv_cache_tokens else 0.0
+    def cache_stats(self) -> dict:
+        """The share of the KV-cache budget in use (0 without a budget), preemptions so far, and prompt positions
+        looked up in the prefix cache and found there."""
+        prefixes = self.prefix_cache
+        return {"usage": self.cache_positions() / self.kv_cache_tokens if self.kv_cache_tokens else 0.0,
+                "preemptions": self.preemptions, "prefix_queries": prefixes.asked if prefixes else 0,
+                "prefix_hits": prefixes.found if prefixes else 0}
 
     def preempted(self, sequence: Sequence) -> None:
         """`sequence` left its batch for room: it waits again, first in line."""

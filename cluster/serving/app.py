@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 from cluster.config import HedgeConfig, RoutingConfig, ServeConfig, live_fields, version_args, with_live
 from cluster.control.controller import CONTROLLER, RouterReport, controller_actor
 from cluster.demo_model import default_model_dir
+from cluster.engine import kv_budget
 from cluster.engine.engine import Engine
 from cluster.engine.sequence import Event, SamplingParams, Sequence
 from cluster.errors import ModelNotFound, ServingError, UnknownService
@@ -153,6 +154,7 @@ class MoEServer:
                                    probe_timeout_s=min(self.config.expert_timeout_s, PROBE_TIMEOUT_S))
         route_experts(self.model, self.router)
         self.context_len = self.model.config.max_position_embeddings
+        self._free_bytes = kv_budget.free_bytes(self.model.device)  # before any cache: what the budgets share
         self.engine = Engine(self.model, self.tokenizer, self.context_len, self.config.max_batch_size,
                              self.config.max_waiting, step_tokens=self.router.tokens,
                              lanes=self.config.engine_lanes)
@@ -160,7 +162,8 @@ class MoEServer:
         self.model_name = self.config.model_name or (
             Path(self.model_dir).name if self.config.model else DEMO_MODEL_NAME)
         self.metrics = ServingMetrics(self.model_name, self.config.metrics_expert_series,
-                                      running=self.engine.running, waiting=self.engine.waiting)
+                                      running=self.engine.running, waiting=self.engine.waiting,
+                                      cache=self.engine.cache_stats)
         self.router.client.on_reply = lambda worker, s: self.metrics.forward_seconds.labels(str(worker)).observe(s)
         self._experts_per_layer = {layer: len(hosts) for layer, hosts in self.router.table.replicas.items()}
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -190,6 +193,10 @@ class MoEServer:
         self.router.client.timeout_s = config.expert_timeout_s
         self.engine.max_batch_size = config.max_batch_size
         self.engine.resize_queue(config.max_waiting)
+        kv_tokens = config.kv_cache_tokens or kv_budget.positions_in(
+            self._free_bytes, config.kv_cache_memory_fraction, self.model)
+        prefix_tokens = kv_tokens // 4 if config.prefix_cache_tokens is None else config.prefix_cache_tokens
+        self.engine.schedule(config.prefill_chunk_tokens, kv_tokens, prefix_tokens)
         self.config = config
         ray.get(self.controller.set_live.remote(live), timeout=self.config.startup_timeout_s)
 

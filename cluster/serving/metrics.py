@@ -4,6 +4,7 @@ under a `moecluster_` prefix; the expert metrics are what only a disaggregated M
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,16 +15,41 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.6
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
+class _CacheCollector:
+    """The engine's KV-cache figures, read when scraped."""
+
+    def __init__(self, model_name: str, stats):
+        self.model_name, self.stats = model_name, stats
+
+    def collect(self):
+        stats = self.stats()
+        usage = GaugeMetricFamily("moecluster_kv_cache_usage_perc", "Share of the KV-cache budget in use, 0 to 1.",
+                                  labels=["model_name"])
+        usage.add_metric([self.model_name], stats["usage"])
+        yield usage
+        for name, key, text in [
+            ("moecluster_num_preemptions", "preemptions", "Sequences preempted for KV-cache room."),
+            ("moecluster_prefix_cache_queries", "prefix_queries", "Prompt positions looked up in the prefix cache."),
+            ("moecluster_prefix_cache_hits", "prefix_hits", "Prompt positions found in the prefix cache."),
+        ]:
+            counter = CounterMetricFamily(name, text, labels=["model_name"])
+            counter.add_metric([self.model_name], stats[key])
+            yield counter
+
+
 class ServingMetrics:
-    def __init__(self, model_name: str, expert_series_cap: int, running, waiting):
-        """`running()` and `waiting()` count the engine's requests when scraped. Above `expert_series_cap` routed
-        experts, tokens are exported per layer (with each layer's max/mean imbalance), not per expert."""
+    def __init__(self, model_name: str, expert_series_cap: int, running, waiting, cache=None):
+        """`running()` and `waiting()` count the engine's sequences when scraped, `cache()` gives its KV-cache
+        figures (Engine.cache_stats). Above `expert_series_cap` routed experts, tokens are exported per layer (with
+        each layer's max/mean imbalance), not per expert."""
         self.registry = registry = CollectorRegistry()
+        if cache is not None:
+            registry.register(_CacheCollector(model_name, cache))
         self.model_name, self.expert_series_cap = model_name, expert_series_cap
         model = ["model_name"]
-        Gauge("moecluster_num_requests_running", "Requests in the running batch.", model,
+        Gauge("moecluster_num_requests_running", "Sequences in a batch: decoding, or their prompts prefilling.", model,
               registry=registry).labels(model_name).set_function(running)
-        Gauge("moecluster_num_requests_waiting", "Requests waiting for a batch slot.", model,
+        Gauge("moecluster_num_requests_waiting", "Sequences waiting for a batch slot.", model,
               registry=registry).labels(model_name).set_function(waiting)
         self.ttft = Histogram("moecluster_time_to_first_token_seconds", "Time to the first generated token.", model,
                               buckets=LATENCY_BUCKETS, registry=registry).labels(model_name)

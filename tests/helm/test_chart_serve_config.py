@@ -26,8 +26,12 @@ CHANGES = {
     "default_max_tokens": 64,
     "api_keys_file": "/etc/moecluster/keys",
     "limits": {"max_body_bytes": 4096, "max_prompt_tokens": 100, "max_tokens": 200, "max_n": 4,
-               "streams_per_connection": 8},
+               "max_prompts": 8, "streams_per_connection": 8},
     "metrics_open": True,
+    "prefill_chunk_tokens": 64,
+    "kv_cache_tokens": 100000,
+    "kv_cache_memory_fraction": 0.2,
+    "prefix_cache_tokens": 0,
     "num_replicas": 3,
 }
 AUTOSCALING = {"min_replicas": 2, "max_replicas": 5}

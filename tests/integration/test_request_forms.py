@@ -130,11 +130,25 @@ def test_a_batch_of_scoring_prompts_is_transformers_log_softmax(app, checkpoints
             [float(want[i, t]) for i, t in enumerate(prompt[1:])], abs=1e-4)
 
 
-def running(app) -> float:
+def metric(app, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     families = text_string_to_metric_families(httpx.get(f"{app}/metrics", timeout=30).text)
-    return sum(s.value for f in families for s in f.samples if s.name == "moecluster_num_requests_running")
+    return sum(s.value for f in families for s in f.samples if s.name == name)
+
+
+def running(app) -> float:
+    return metric(app, "moecluster_num_requests_running")
+
+
+def test_a_shared_prefix_is_found_in_the_prefix_cache(app, tokenizer):
+    shared = tokenizer.encode("You are a helpful assistant. " * 8, add_special_tokens=False)
+    found = metric(app, "moecluster_prefix_cache_hits_total")
+    first = complete(app, prompt=shared + [5, 6], max_tokens=4, temperature=0)
+    second = complete(app, prompt=shared + [5, 6], max_tokens=4, temperature=0)
+    assert first["choices"][0]["token_ids"] == second["choices"][0]["token_ids"]
+    assert metric(app, "moecluster_prefix_cache_hits_total") - found >= len(shared) // 16 * 16
+    assert 0 <= metric(app, "moecluster_kv_cache_usage_perc") <= 1
 
 
 def seconds_until_idle(app, limit_s: float = 10) -> float:

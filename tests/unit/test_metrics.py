@@ -26,3 +26,15 @@ def test_every_replicas_samples_are_kept_under_their_own_label():
     assert {(s.labels["replica"], s.labels["layer"], s.labels["expert"], s.value) for s in experts} == {
         ("a", "0", "1", 5), ("b", "0", "1", 7)}
     assert merged.count(b"# TYPE moecluster_generation_tokens_total counter\n") == 1  # one family per name
+
+
+def test_the_kv_cache_figures_are_read_when_scraped():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stats = {"usage": 0.25, "preemptions": 3, "prefix_queries": 100, "prefix_hits": 48}
+    metrics = ServingMetrics("m", 64, running=lambda: 0, waiting=lambda: 0, cache=lambda: stats)
+    stats["preemptions"] = 4
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples["moecluster_kv_cache_usage_perc"] == 0.25 and samples["moecluster_num_preemptions_total"] == 4
+    assert samples["moecluster_prefix_cache_queries_total"] == 100
+    assert samples["moecluster_prefix_cache_hits_total"] == 48
