@@ -60,11 +60,12 @@ def _append(cached: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None
     return buffer[:, :, :end], buffer
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, L] ids, [n, L] attention mask) of `prompts`, right-aligned: L is the longest prompt."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    starts = torch.tensor([width - len(p) for p in prompts], device=device)
+    mask = (torch.arange(width, device=device) >= starts[:, None]).long()
     return ids, mask
 
 
@@ -90,7 +91,7 @@ def concat(into: DynamicCache, other: DynamicCache) -> None:
 
 def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """Keep `rows`, then drop the leading positions that every kept row has as padding."""
-    index = torch.tensor(rows, dtype=torch.long)
+    index = torch.tensor(rows, dtype=torch.long, device=mask.device)
     mask = mask[index]
     first = int(mask.any(0).int().argmax()) if mask.numel() else 0
     for layer in _layers(cache):

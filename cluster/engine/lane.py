@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class Lane:
     def __init__(self, engine, index: int):
         self.engine, self.model, self.index = engine, engine.model, index
+        self.device = self.model.device
         self.running: list[Sequence] = []
         self.prefilling: list[Sequence] = []  # admitted, their prompts not yet wholly in a cache
         self._cache: DynamicCache | None = None
@@ -83,7 +84,7 @@ class Lane:
         return taken
 
     def _prefill_whole(self, seqs: list[Sequence]) -> None:
-        ids, mask = kv_batch.left_padded([s.prefill_ids for s in seqs], self.engine.pad_id)  # [n, L], [n, L]
+        ids, mask = kv_batch.left_padded([s.prefill_ids for s in seqs], self.engine.pad_id, self.device)  # [n, L]
         cache = kv_batch.new_cache(self.model.config)
         scored = [s.scores_prompt for s in seqs]
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, every_position=any(scored))
@@ -104,9 +105,10 @@ class Lane:
         if seq.cache is None:
             seq.cache = kv_batch.new_cache(self.model.config)
         start, end = seq.prefilled, seq.prefilled + n
-        ids = torch.tensor([seq.prefill_ids[start:end]])  # [1, n]
-        logits = self._forward(ids, torch.ones(1, end, dtype=torch.long), torch.arange(start, end)[None],
-                               seq.cache, every_position=seq.scores_prompt)
+        ids = torch.tensor([seq.prefill_ids[start:end]], device=self.device)  # [1, n]
+        mask = torch.ones(1, end, dtype=torch.long, device=self.device)
+        logits = self._forward(ids, mask, torch.arange(start, end, device=self.device)[None], seq.cache,
+                               every_position=seq.scores_prompt)
         if seq.scores_prompt:
             seq.scored_rows.append(logits[0])
         seq.prefilled = end
@@ -118,7 +120,7 @@ class Lane:
         self._remember(seq, _kv(seq.cache))
         self.prefilling.remove(seq)
         cache, seq.cache, seq.scored_rows, seq.prefilled = seq.cache, None, [], 0
-        self._join([seq], cache, torch.ones(1, end, dtype=torch.long))
+        self._join([seq], cache, mask)
         if not seq.generated:
             self._advance([seq], logits[:, -1])
 
@@ -156,9 +158,9 @@ class Lane:
             self.engine.preempted(victim)
 
     def _decode(self) -> None:
-        last = torch.tensor([[s.generated[-1]] for s in self.running])  # [B, 1]
+        last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # [B, S + 1]
-        positions = torch.tensor([[s.length - 1] for s in self.running])  # [B, 1]
+        positions = torch.tensor([[s.length - 1] for s in self.running], device=self.device)  # [B, 1]
         logits = self._forward(last, self._mask, positions, self._cache)
         self._advance(self.running, logits[:, -1])
 
@@ -190,6 +192,8 @@ class Lane:
                 seq.done = True
                 seq.emit(Event(token_ids=[], text="", finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
                 continue
+            if sampler.adjust or p.temperature or p.logprobs is not None:
+                row = row.cpu()  # sampling on the host: a seeded draw is the same wherever the model runs
             if sampler.adjust:
                 row = sampler.adjusted(row, seq.prompt_ids + seq.generated)
             token = best if p.temperature == 0 and not sampler.adjust else sampler.draw(row)

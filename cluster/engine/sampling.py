@@ -96,7 +96,7 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top: int) -> li
     """logits: [L, V], the model's at each of the L prompt positions. Each prompt token's log-probability given
     the tokens before it, with its `top` alternatives; the first token has none."""
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L - 1, V]
-    chosen = logprobs.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0].tolist()  # [L - 1]
+    chosen = logprobs.gather(1, torch.tensor(prompt_ids[1:], device=logits.device)[:, None])[:, 0].tolist()
     best = logprobs.topk(top) if top else None
     alternatives = ([tuple(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())] if best
                     is not None else [()] * len(chosen))

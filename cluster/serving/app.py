@@ -67,6 +67,7 @@ api.add_middleware(BodyLimit)
 REPORT_INTERVAL_S = 0.2
 METRICS_EVERY = 5  # reports: how often a replica's metrics go to the controller, for scrapes of another replica
 DEMO_MODEL_NAME = "moecluster-default"
+REPLICA_ACTOR = {"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": ACTOR_ENV}}  # `application` adds the GPUs
 READ = ["GET", "HEAD"]  # benchmark tools probe a route with HEAD before they GET it
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
@@ -131,8 +132,7 @@ async def _tokens(events: asyncio.Queue, timer: RequestTimer):
         raise
 
 
-@serve.deployment(max_ongoing_requests=1024,
-                  ray_actor_options={"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": ACTOR_ENV}})
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options=REPLICA_ACTOR)
 @serve.ingress(api)
 class MoEServer:
     def __init__(self, version: dict):
@@ -145,7 +145,8 @@ class MoEServer:
         self.model_dir = self.config.model or str(default_model_dir())
         self._created = int(time.time())
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = load_dense_model(self.model_dir, self.config.dtype)
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.model = load_dense_model(self.model_dir, self.config.dtype, device)
         self._router_id = serve.get_replica_context().replica_id.unique_id
         self.controller = serve.get_deployment_actor(CONTROLLER)
         client = ExpertClient(self.config.expert_timeout_s, ray.get(self.controller.data_path_key.remote()),
@@ -451,7 +452,8 @@ def application(config: ServeConfig, **options) -> serve.Application:
     version = version_args(config)
     scaling = ({"autoscaling_config": autoscaling_options(config.autoscaling)} if config.autoscaling
                else {"num_replicas": config.num_replicas})
+    actor = {**REPLICA_ACTOR, "num_gpus": config.serving_gpus, **options.pop("ray_actor_options", {})}
     return MoEServer.options(
-        user_config=live_fields(config), max_surge_percent=rollout_surge(config),
+        user_config=live_fields(config), max_surge_percent=rollout_surge(config), ray_actor_options=actor,
         deployment_actors=[controller_actor(version, model_dir)], **scaling, **options,
     ).bind(version)

@@ -23,8 +23,9 @@ def rollout_surge(config: ServeConfig) -> int:
         return 100
     need = {"CPU": config.num_workers * config.worker_cpus + config.most_serving_replicas() * REPLICA_CPUS}
     free = ray.available_resources()
-    if ray.cluster_resources().get("GPU", 0) > 0 and config.worker_gpus > 0:
-        need["GPU"] = config.num_workers * config.worker_gpus
+    gpus = config.num_workers * config.worker_gpus + config.most_serving_replicas() * config.serving_gpus
+    if ray.cluster_resources().get("GPU", 0) > 0 and gpus > 0:
+        need["GPU"] = gpus
     if all(free.get(name, 0) >= amount for name, amount in need.items()):
         return 100
     log.warning("no room for a new version beside a running one (it needs %s, the cluster has %s free): a "
