@@ -96,9 +96,13 @@ class Lane:
             start = width - len(seq.prefill_ids)
             self._remember(seq, [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in _kv(cache)])
         self.prefilling = self.prefilling[len(seqs):]
-        self._join(seqs, cache, mask)
         fresh = [i for i, s in enumerate(seqs) if not s.generated]  # a preempted sequence has its next token
-        self._advance([seqs[i] for i in fresh], logits[fresh, -1])
+        self._sample([seqs[i] for i in fresh], logits[fresh, -1])
+        staying = [i for i, s in enumerate(seqs) if not (s.done or s.cancelled)]
+        if len(staying) < len(seqs) and staying:
+            mask = kv_batch.select_rows(cache, mask, staying)
+        if staying:
+            self._join([seqs[i] for i in staying], cache, mask)
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> None:
         """The next `n` positions of one prompt, into its own cache."""
@@ -120,9 +124,10 @@ class Lane:
         self._remember(seq, _kv(seq.cache))
         self.prefilling.remove(seq)
         cache, seq.cache, seq.scored_rows, seq.prefilled = seq.cache, None, [], 0
-        self._join([seq], cache, mask)
         if not seq.generated:
-            self._advance([seq], logits[:, -1])
+            self._sample([seq], logits[:, -1])
+        if not (seq.done or seq.cancelled):
+            self._join([seq], cache, mask)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start `seq`'s own cache from the longest cached prefix of its prompt, if any is cached; once."""
@@ -162,7 +167,8 @@ class Lane:
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # [B, S + 1]
         positions = torch.tensor([[s.length - 1] for s in self.running], device=self.device)  # [B, 1]
         logits = self._forward(last, self._mask, positions, self._cache)
-        self._advance(self.running, logits[:, -1])
+        self._sample(self.running, logits[:, -1])
+        self._drop_finished()
 
     def _forward(self, ids, mask, positions, cache, every_position: bool = False) -> torch.Tensor:
         """[B, L, V] logits at every position, or [B, 1, V] at the last only."""
@@ -184,7 +190,8 @@ class Lane:
         self._mask = torch.cat([self._mask, mask])
         self.running += seqs
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """The next token of each of `seqs` from its logits [B, V], sent on."""
         greedy = logits.argmax(-1).tolist()  # [B], one call for every greedy row
         for seq, row, best in zip(seqs, logits, greedy):
             p, sampler = seq.params, seq.sampler
@@ -199,6 +206,8 @@ class Lane:
             token = best if p.temperature == 0 and not sampler.adjust else sampler.draw(row)
             logprob = None if p.logprobs is None else token_logprob(row, token, p.temperature, p.logprobs)
             self._append(seq, token, logprob)
+
+    def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.running) if not (s.done or s.cancelled)]
         if len(keep) < len(self.running):
             self._mask = kv_batch.select_rows(self._cache, self._mask, keep) if keep else None
