@@ -23,24 +23,29 @@ def tools_requirements() -> list[str]:
 
 
 def tools_bin(cache: Path) -> Path:
-    """The bin/ folder of a venv that holds the `tools` extra, made under `cache` unless it is there already."""
+    """The bin/ folder of a venv that holds the `tools` extra, made under `cache` unless it is there already,
+    over this test environment (each CI run's is a new one)."""
     requirements = tools_requirements()
-    key = hashlib.sha256("\n".join([sys.prefix, *requirements]).encode()).hexdigest()[:12]
+    key = hashlib.sha256("\n".join([sys.base_prefix, *requirements]).encode()).hexdigest()[:12]
     home = cache / f"tools-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f"tools-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session may be making the same one
         if not (home / "complete").exists():
             _make(home, requirements)
+        _layer(home)
     return home / "bin"
+
+
+def _layer(home: Path) -> None:
+    purelib = subprocess.check_output([home / "bin" / "python", "-c",
+                                       "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip()
+    Path(purelib, "test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
 
 def _make(home: Path, requirements: list[str]) -> None:
     venv.EnvBuilder(clear=True, with_pip=True).create(home)
     python = home / "bin" / "python"
-    purelib = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                      text=True).strip()
-    Path(purelib, "test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     excludes = home / "shared.txt"
     excludes.write_text("\n".join(SHARED) + "\n")
     subprocess.run([python, "-m", "pip", "install", "--quiet", "uv"], check=True)
