@@ -113,6 +113,11 @@ class Job:
     params: SamplingParams
 
 
+def _json(body: dict) -> Response:
+    """`body` as JSON, without FastAPI's encoder, which walks every value of a large answer (a scored batch)."""
+    return Response(json.dumps(body), media_type="application/json")
+
+
 def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
     """The engine's thread hands an event to the request's event loop."""
     loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -365,7 +370,7 @@ class MoEServer:
             choices.append(completion_choice(index, text, whole.token_ids, whole.finish_reason,
                                              completion_logprobs(self.tokenizer, logprobs)))
             generated += len(whole.token_ids)
-        return completion_body(cid, model, choices, usage(sum(map(len, prompt_ids)), generated))
+        return _json(completion_body(cid, model, choices, usage(sum(map(len, prompt_ids)), generated)))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, authorization: str | None = Header(None)):
@@ -381,8 +386,8 @@ class MoEServer:
         wholes = await self._wholes(jobs)
         choices = [chat.chat_choice(i, w.text, w.token_ids, w.finish_reason, chat.chat_logprobs(self.tokenizer, w.logprobs))
                    for i, w in enumerate(wholes)]
-        return chat.chat_body(cid, self.model_name, created, choices,
-                              usage(len(prompt_ids[0]), sum(len(w.token_ids) for w in wholes)))
+        return _json(chat.chat_body(cid, self.model_name, created, choices,
+                                    usage(len(prompt_ids[0]), sum(len(w.token_ids) for w in wholes))))
 
     async def _wholes(self, jobs: list[Job]) -> list[Event]:
         """Every job's events, each merged into one."""

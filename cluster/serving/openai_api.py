@@ -117,8 +117,8 @@ def completion_logprobs(tokenizer, logprobs: list | None, text_offset: int = 0) 
         return None
     tokens = tokenizer.batch_decode([[lp.token_id] for lp in logprobs])
     offsets = list(itertools.accumulate(map(len, tokens), initial=text_offset))[:len(tokens)]
-    top = [None if lp.logprob is None else dict(zip(tokenizer.batch_decode([[t] for t, _ in lp.top]),
-                                                    (v for _, v in lp.top))) for lp in logprobs]
+    texts = iter(tokenizer.batch_decode([[t] for lp in logprobs for t, _ in lp.top]))  # every alternative at once
+    top = [None if lp.logprob is None else {next(texts): v for _, v in lp.top} for lp in logprobs]
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
             "text_offset": offsets}
 
