@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--placement", choices=choices(ServeConfig, "placement"), default="auto")
     bench.add_argument("--micro-iters", type=int, default=30)
     bench.add_argument("--no-baselines", action="store_true")
+    bench.add_argument("--scoring-prompts", type=int, default=32, help="prompts scored in one request")
+    bench.add_argument("--scoring-tokens", type=int, default=200, help="tokens of each scored prompt")
+    bench.add_argument("--long-prompts", type=int, default=4, help="long prompts arriving among decoding streams")
+    bench.add_argument("--long-prompt-tokens", type=int, default=900)
     bench.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness works")
     bench.add_argument("--json-out", help="write the JSON report here too")
     bench.add_argument("--target-url", action="append", metavar="URL",
@@ -265,7 +269,9 @@ def _bench(args) -> int:
         summary = print_summary
         report = bench(model, workload, args.workers, args.dtype, args.micro_iters, baselines=not args.no_baselines,
                        stream_interval=args.stream_interval, placement=args.placement,
-                       equal=Workload("equal", requests_per_stream=1, **shape))
+                       equal=Workload("equal", requests_per_stream=1, **shape), scoring_prompts=args.scoring_prompts,
+                       scoring_tokens=args.scoring_tokens, long_prompts=args.long_prompts,
+                       long_prompt_tokens=args.long_prompt_tokens)
     text = json.dumps(report, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as f:

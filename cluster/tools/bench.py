@@ -28,7 +28,8 @@ from experts.threads import usable_cores
 # a pause starts with cold caches (docs/performance.md), so the micro-benchmarks time one that way too.
 PAUSE_S = 0.03
 SMOKE = dict(streams=2, requests_per_stream=1, prompt_tokens=8, output_tokens=4, prompt_lengths=Lengths(4, 8, 16),
-             output_lengths=Lengths(2, 4, 8), workers=[2], micro_iters=3, stream_interval=2)
+             output_lengths=Lengths(2, 4, 8), workers=[2], micro_iters=3, stream_interval=2, scoring_prompts=4,
+             scoring_tokens=16, long_prompts=1, long_prompt_tokens=48)
 
 
 # --- load generation ---
@@ -131,16 +132,18 @@ def run_inprocess(engine, router, workload: Workload, requests: list[Request]) -
     return result
 
 
-def run_engine_alone(model_dir: str, plays: list[tuple], threads: int, dtype: str, max_batch_size: int) -> list[dict]:
-    """The in-process engine on each play, in a process of its own with the serving replica's environment
-    (ACTOR_ENV): OpenMP reads its wait policy once per process, and the engine is to run as it serves, while
-    transformers runs in this process as its users run it."""
+def run_engine_alone(model_dir: str, plays: list[tuple], threads: int, dtype: str, max_batch_size: int,
+                     schedule: dict) -> tuple[list[dict], dict]:
+    """The in-process engine on each play, then its schedule measured (schedule_bench.run_schedule's `schedule`
+    options), in a process of its own with the serving replica's environment (ACTOR_ENV): OpenMP reads its wait
+    policy once per process, and the engine is to run as it serves, while transformers runs in this process as
+    its users run it."""
     from cluster.node_env import ACTOR_ENV
 
     with _environment(ACTOR_ENV):
         pool = multiprocessing.get_context("spawn").Pool(1)  # the child takes the environment as it starts
     with pool:
-        return pool.apply(_engine_runs, (model_dir, plays, threads, dtype, max_batch_size))
+        return pool.apply(_engine_runs, (model_dir, plays, threads, dtype, max_batch_size, schedule))
 
 
 @contextlib.contextmanager
@@ -157,16 +160,21 @@ def _environment(env: dict[str, str]):
                 os.environ[name] = value
 
 
-def _engine_runs(model_dir: str, plays: list[tuple], threads: int, dtype: str, max_batch_size: int) -> list[dict]:
+def _engine_runs(model_dir: str, plays: list[tuple], threads: int, dtype: str, max_batch_size: int,
+                 schedule: dict) -> tuple[list[dict], dict]:
+    from cluster.tools.schedule_bench import run_schedule
+
     engine, router = inprocess_engine(model_dir, threads, dtype, max_batch_size)
     try:
-        return [run_inprocess(engine, router, *play) for play in plays]
+        return [run_inprocess(engine, router, *play) for play in plays], run_schedule(engine, **schedule)
     finally:
         engine.close()
 
 
-def run_distributed(model_dir: str, workload: Workload, requests: list[Request], config: dict, micro: dict | None):
-    """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks."""
+def run_distributed(model_dir: str, workload: Workload, requests: list[Request], config: dict, micro: dict | None,
+                    scoring: list[list[int]] | None = None):
+    """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks
+    and the `scoring` prompts scored over HTTP (cluster/tools/scoring.py)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -177,12 +185,12 @@ def run_distributed(model_dir: str, workload: Workload, requests: list[Request],
     from cluster.serving.grpc_api import SERVICERS
     from router.timings import PHASES, per_call_ms
 
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     apply_node_env()
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config["num_workers"] + 2), include_dashboard=False,
              log_to_driver=False, namespace="moecluster")
     try:
-        serve.start(http_options={"port": _free_port()},
+        serve.start(http_options={"port": http_port},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICERS))
         serve.run(build({"model": model_dir, **config}), name="bench", route_prefix="/bench")
         request = grpc_requester(f"127.0.0.1:{port}", "bench")
@@ -195,6 +203,10 @@ def run_distributed(model_dir: str, workload: Workload, requests: list[Request],
         result["moe_layer_ms"] = per_call_ms({k: after.get(k, 0) - before.get(k, 0) for k in ("calls", *PHASES)})
         if micro is not None:
             result["micro"] = run_micro(model_dir, "bench", config["dtype"], **micro)
+        if scoring is not None:
+            from cluster.tools.scoring import run_scoring
+
+            result["scoring"] = run_scoring(f"http://127.0.0.1:{http_port}/bench", None, scoring)
         return result
     finally:
         serve.shutdown()
@@ -317,12 +329,17 @@ def _free_port() -> int:
 
 def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "float32", micro_iters: int = 30,
           baselines: bool = True, stream_interval: int = 1, placement: str = "auto",
-          equal: Workload | None = None) -> dict:
-    """`workload` served at each worker count (the micro-benchmarks at the largest) and through the peers;
-    `equal` (default: `workload` if it is equal-length) through the in-process engine and `generate`."""
+          equal: Workload | None = None, scoring_prompts: int = 32, scoring_tokens: int = 200,
+          long_prompts: int = 4, long_prompt_tokens: int = 900) -> dict:
+    """`workload` served at each worker count (the micro-benchmarks and the scoring at the largest) and through
+    the peers; `equal` (default: `workload` if it is equal-length) through the in-process engine and `generate`;
+    scoring: `scoring_prompts` prompts of `scoring_tokens` tokens in one request, one request per prompt, and
+    transformers' forward; the engine's schedule: streams' gaps while `long_prompts` prompts of
+    `long_prompt_tokens` tokens arrive, whole and in chunks, and a cached prefix's time to first token."""
     from transformers import AutoConfig
 
     from cluster.config import ServeConfig
+    from cluster.tools.scoring import scoring_prompts as make_scoring
 
     threads, max_batch_size = usable_cores(), ServeConfig.model_fields["max_batch_size"].default
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
@@ -331,30 +348,39 @@ def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "
     report = {"model": model_dir, "workload": {**asdict(workload), "lengths": describe(requests)}, "threads": threads,
               "workers": workers, "max_batch_size": max_batch_size, **serving}
     micro = {"iters": micro_iters}
+    scoring = make_scoring(vocab_size, scoring_prompts, scoring_tokens, workload.seed)
     report["moecluster"] = {str(n): run_distributed(model_dir, workload, requests, {"num_workers": n, **serving},
-                                                    micro if n == max(workers) else None) for n in workers}
-    report["micro"] = report["moecluster"][str(max(workers))].pop("micro")
+                                                    *((micro, scoring) if n == max(workers) else (None, None)))
+                            for n in workers}
+    largest = report["moecluster"][str(max(workers))]
+    report["micro"], report["scoring"] = largest.pop("micro"), largest.pop("scoring")
     if baselines:
         played = (workload, requests)
         equal_played = played if equal is None or workload.kind == "equal" else (equal, equal.requests(vocab_size))
-        report.update(run_peers(model_dir, played, equal_played, threads, dtype, max_batch_size))
+        schedule = {"chunk_tokens": ServeConfig.model_fields["prefill_chunk_tokens"].default,
+                    "long_prompts": long_prompts, "long_tokens": long_prompt_tokens,
+                    "prefix_tokens": min(512, long_prompt_tokens)}
+        report.update(run_peers(model_dir, played, equal_played, threads, dtype, max_batch_size, schedule, scoring))
         report["ratios"] = ratios(report)
     return report
 
 
 def run_peers(model_dir: str, played: tuple, equal_played: tuple, threads: int, dtype: str,
-              max_batch_size: int) -> dict:
+              max_batch_size: int, schedule: dict, scoring: list[list[int]]) -> dict:
     """The in-process engine and transformers on `played` (workload, requests), and the engine and `generate`
-    on `equal_played` (the same runs if it is the same)."""
+    on `equal_played` (the same runs if it is the same); the engine's `schedule`; transformers' forward over the
+    `scoring` prompts."""
     from cluster.tools import peers
+    from cluster.tools.scoring import transformers_scoring
 
     plays = [played] if equal_played is played else [played, equal_played]
-    inprocess = run_engine_alone(model_dir, plays, threads, dtype, max_batch_size)
+    inprocess, scheduled = run_engine_alone(model_dir, plays, threads, dtype, max_batch_size, schedule)
     model = peers.load(model_dir, threads, dtype)
     static = [peers.run_static(model, p[1], max_batch_size) for p in plays]
     return {"inprocess": inprocess[0], "transformers": static[0],
             "transformers_continuous": peers.run_continuous(model, played[1], max_batch_size),
-            "equal": {"workload": asdict(equal_played[0]), "inprocess": inprocess[-1], "transformers": static[-1]}}
+            "equal": {"workload": asdict(equal_played[0]), "inprocess": inprocess[-1], "transformers": static[-1]},
+            "schedule": scheduled, "transformers_scoring": transformers_scoring(model, scoring)}
 
 
 def ratios(report: dict) -> dict:
@@ -370,6 +396,13 @@ def ratios(report: dict) -> dict:
            "inprocess_vs_transformers": equal["inprocess"]["output_tokens_per_s"]
            / equal["transformers"]["output_tokens_per_s"],
            "inprocess_vs_transformers_realistic": tps["inprocess"] / tps["transformers"]}
+    out["scoring_batched_vs_one_by_one"] = report["scoring"]["batched_speedup"]
+    out["scoring_vs_transformers_forward"] = (report["scoring"]["batched_tok_s"]
+                                              / report["transformers_scoring"]["tok_s"])
+    schedule = report["schedule"]
+    out["stream_gap_max_over_p50"] = {name: schedule[name]["max_over_p50"] for name in ("whole", "chunked")}
+    out["chunked_throughput_vs_whole"] = schedule["chunked_throughput_ratio"]
+    out["cached_prefix_ttft_speedup"] = schedule["prefix"]["speedup"]
     continuous = report["transformers_continuous"]
     if not continuous.get("skipped"):
         out["vs_transformers_continuous"] = top / continuous["output_tokens_per_s"]
@@ -389,6 +422,9 @@ def print_summary(report: dict) -> None:
         print("  MoE layer ms per call: " + _phases(result))
     if "ratios" in report:
         _print_peers(report)
+    scoring = report["scoring"]
+    print(f"scoring {scoring['prompts']} prompts: one request {scoring['batched_tok_s']:.0f} tok/s, one request "
+          f"per prompt {scoring['one_by_one_tok_s']:.0f} tok/s ({scoring['batched_speedup']:.2f}x)")
     for key, value in report["micro"].items():
         print(f"{key}: {json.dumps(value)}")
 
@@ -404,6 +440,15 @@ def _print_peers(report: dict) -> None:
     equal = report["equal"]
     print(f"equal-length ({equal['workload']['streams']} streams): in-process {_throughput(equal['inprocess'])}, "
           f"transformers generate {_throughput(equal['transformers'])}")
+    print(f"transformers forward over the scoring prompts {report['transformers_scoring']['tok_s']:.0f} tok/s")
+    schedule = report["schedule"]
+    for name in ("whole", "chunked"):
+        gaps = schedule[name]
+        print(f"streams while long prompts arrive, {name}: gap p50 {gaps['gap_p50_ms']:.1f} ms, max "
+              f"{gaps['gap_max_ms']:.1f} ms ({gaps['max_over_p50']:.1f}x), {gaps['decode_tok_s']:.0f} tok/s")
+    prefix = schedule["prefix"]
+    print(f"a {prefix['prefix_tokens']}-token cached prefix: TTFT {prefix['first_ttft_ms']:.1f} -> "
+          f"{prefix['cached_ttft_ms']:.1f} ms")
     print("ratios: " + ", ".join(f"{k} {json.dumps(v)}" for k, v in _rounded(report["ratios"]).items()))
 
 

@@ -23,6 +23,20 @@ def test_bench_smoke_emits_a_complete_report(tmp_path):
     _check_micro(report["micro"])
     _check_peers(report)
     _check_ratios(report)
+    _check_scoring_and_schedule(report)
+
+
+def _check_scoring_and_schedule(report):
+    scoring = report["scoring"]
+    assert scoring["prompts"] == 4 and scoring["scored_tokens"] == 4 * 15
+    assert scoring["batched_tok_s"] > 0 and scoring["one_by_one_tok_s"] > 0
+    assert report["transformers_scoring"]["scored_tokens"] == 4 * 15
+    schedule = report["schedule"]
+    for name in ("whole", "chunked"):
+        assert 0 < schedule[name]["gap_p50_ms"] <= schedule[name]["gap_max_ms"]
+    assert schedule["prefix"]["first_ttft_ms"] > 0 and schedule["prefix"]["cached_ttft_ms"] > 0
+    assert {"scoring_batched_vs_one_by_one", "stream_gap_max_over_p50", "cached_prefix_ttft_speedup"} <= set(
+        report["ratios"])
 
 
 def _check_served(report):
