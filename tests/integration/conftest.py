@@ -68,9 +68,10 @@ def inference_stub(serve_endpoints):
 APP = "api"  # the application of `app`
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def app(checkpoints, serve_endpoints):
-    """The mixtral checkpoint served on two expert workers, for the API's tests: its HTTP base URL."""
+    """The mixtral checkpoint served on two expert workers, for a module of the API's tests (deleted after it, as
+    later modules need the room): its HTTP base URL."""
     from ray import serve
 
     deploy(APP, checkpoints["mixtral"], num_workers=2)
@@ -85,7 +86,7 @@ def tokenizer(checkpoints):
     return AutoTokenizer.from_pretrained(checkpoints["mixtral"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(app):
     import openai
 
