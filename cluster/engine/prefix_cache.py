@@ -6,6 +6,7 @@ H = KV heads, P = a prefix's positions, Dh = head dim
 """
 
 import collections
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,20 @@ class PrefixCache:
         self._by_prefix: dict[int, tuple[int, int]] = {}  # chained hash -> (entry id, prefix length)
         self._next_id, self.size = 0, 0
         self.asked = self.found = 0  # prompt positions looked up, and found cached
+        self._lock = threading.Lock()  # the engine's lanes step in threads of their own
 
     def lookup(self, ids: list[int]) -> tuple[int, KV]:
         """The longest cached prefix of `ids` that leaves at least its last token to compute: (its length, its
         KV, each layer's [1, H, P, Dh] views); (0, []) when none is cached."""
+        with self._lock:
+            return self._lookup(ids)
+
+    def insert(self, ids: list[int], kv: KV) -> None:
+        """Keep the whole blocks of `ids`, whose KV is `kv` (each layer's [1, H, >= len(ids), Dh], from position 0)."""
+        with self._lock:
+            self._insert(ids, kv)
+
+    def _lookup(self, ids: list[int]) -> tuple[int, KV]:
         self.asked += len(ids)
         best = None
         for length, key in self._chain(ids[:-1]):
@@ -47,8 +58,7 @@ class PrefixCache:
         self.found += length
         return length, [(k[:, :, :length], v[:, :, :length]) for k, v in self._entries[entry_id].kv]
 
-    def insert(self, ids: list[int], kv: KV) -> None:
-        """Keep the whole blocks of `ids`, whose KV is `kv` (each layer's [1, H, >= len(ids), Dh], from position 0)."""
+    def _insert(self, ids: list[int], kv: KV) -> None:
         length = len(ids) // self.block * self.block
         if not length or length > self.capacity:
             return
