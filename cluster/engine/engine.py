@@ -64,12 +64,13 @@ class Engine:
             sequence.sampler = Sampler(sequence.params, len(sequence.prompt_ids), self.eos_ids)
         self._waiting.put_all(sequences)
 
-    def schedule(self, prefill_chunk_tokens: int | None, kv_cache_tokens: int | None,
-                 prefix_cache_tokens: int) -> None:
-        """The budgets of the steps from now on (see __init__); a prefix cache of another capacity starts empty."""
+    def schedule(self, prefill_chunk_tokens: int | None, kv_cache_tokens: int | None, prefix_cache_tokens: int,
+                 forget_prefixes: bool = False) -> None:
+        """The budgets of the steps from now on (see __init__). The prefix cache starts empty when its capacity
+        changes or with `forget_prefixes`: when the model's math changed (its routing), so did every cached KV."""
         self.prefill_chunk_tokens, self.kv_cache_tokens = prefill_chunk_tokens, kv_cache_tokens
         current = self.prefix_cache.capacity if self.prefix_cache is not None else 0
-        if prefix_cache_tokens != current:
+        if prefix_cache_tokens != current or forget_prefixes:
             self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
 
     def resize_queue(self, max_waiting: int) -> None:

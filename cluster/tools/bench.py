@@ -396,18 +396,21 @@ def ratios(report: dict) -> dict:
            "inprocess_vs_transformers": equal["inprocess"]["output_tokens_per_s"]
            / equal["transformers"]["output_tokens_per_s"],
            "inprocess_vs_transformers_realistic": tps["inprocess"] / tps["transformers"]}
-    out["scoring_batched_vs_one_by_one"] = report["scoring"]["batched_speedup"]
-    out["scoring_vs_transformers_forward"] = (report["scoring"]["batched_tok_s"]
-                                              / report["transformers_scoring"]["tok_s"])
-    schedule = report["schedule"]
-    out["stream_gap_max_over_p50"] = {name: schedule[name]["max_over_p50"] for name in ("whole", "chunked")}
-    out["chunked_throughput_vs_whole"] = schedule["chunked_throughput_ratio"]
-    out["cached_prefix_ttft_speedup"] = schedule["prefix"]["speedup"]
+    out.update(_scoring_and_schedule_ratios(report))
     continuous = report["transformers_continuous"]
     if not continuous.get("skipped"):
         out["vs_transformers_continuous"] = top / continuous["output_tokens_per_s"]
         out["inprocess_vs_transformers_continuous"] = tps["inprocess"] / continuous["output_tokens_per_s"]
     return out
+
+
+def _scoring_and_schedule_ratios(report: dict) -> dict:
+    schedule, scoring = report["schedule"], report["scoring"]
+    return {"scoring_batched_vs_one_by_one": scoring["batched_speedup"],
+            "scoring_vs_transformers_forward": scoring["batched_tok_s"] / report["transformers_scoring"]["tok_s"],
+            "stream_gap_max_over_p50": {name: schedule[name]["max_over_p50"] for name in ("whole", "chunked")},
+            "chunked_throughput_vs_whole": schedule["chunked_throughput_ratio"],
+            "cached_prefix_ttft_speedup": schedule["prefix"]["speedup"]}
 
 
 def print_summary(report: dict) -> None:

@@ -109,6 +109,17 @@ def test_a_shared_prefix_is_computed_once_and_changes_nothing(checkpoints, arch)
         [lp.logprob for e in three.events for lp in e.logprobs], abs=1e-5)
 
 
+def test_a_change_of_routing_forgets_the_cached_prefixes(checkpoints):
+    engine = engine_for(checkpoints["mixtral"], prefix_cache_tokens=1024)
+    Collected(engine, LONG, SamplingParams(max_tokens=1))
+    run(engine)
+    assert engine.prefix_cache.size == 48
+    engine.schedule(None, None, 1024)
+    assert engine.prefix_cache.size == 48
+    engine.schedule(None, None, 1024, forget_prefixes=True)
+    assert engine.prefix_cache.size == 0
+
+
 def kv(length: int, fill: float):
     return [(torch.full((1, 2, length, 4), fill), torch.full((1, 2, length, 4), -fill))]
 
