@@ -84,6 +84,7 @@ class Lane:
         return taken
 
     def _prefill_whole(self, seqs: list[Sequence]) -> None:
+        source = self.engine.prefix_cache
         ids, mask = kv_batch.left_padded([s.prefill_ids for s in seqs], self.engine.pad_id, self.device)  # [n, L]
         cache = kv_batch.new_cache(self.model.config)
         scored = [s.scores_prompt for s in seqs]
@@ -94,7 +95,8 @@ class Lane:
                 seq.prompt_logprobs = prompt_logprobs(rows[-len(seq.prompt_ids):], seq.prompt_ids,
                                                       seq.params.prompt_logprobs)
             start = width - len(seq.prefill_ids)
-            self._remember(seq, [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in _kv(cache)])
+            self._remember(seq, [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in _kv(cache)],
+                           source)
         self.prefilling = self.prefilling[len(seqs):]
         fresh = [i for i, s in enumerate(seqs) if not s.generated]  # a preempted sequence has its next token
         self._sample([seqs[i] for i in fresh], logits[fresh, -1])
@@ -107,7 +109,7 @@ class Lane:
     def _prefill_chunk(self, seq: Sequence, n: int) -> None:
         """The next `n` positions of one prompt, into its own cache."""
         if seq.cache is None:
-            seq.cache = kv_batch.new_cache(self.model.config)
+            seq.cache, seq.prefix_source = kv_batch.new_cache(self.model.config), self.engine.prefix_cache
         start, end = seq.prefilled, seq.prefilled + n
         ids = torch.tensor([seq.prefill_ids[start:end]], device=self.device)  # [1, n]
         mask = torch.ones(1, end, dtype=torch.long, device=self.device)
@@ -121,7 +123,7 @@ class Lane:
         if seq.scores_prompt:
             rows = torch.cat(seq.scored_rows)  # [L, V]
             seq.prompt_logprobs = prompt_logprobs(rows, seq.prompt_ids, seq.params.prompt_logprobs)
-        self._remember(seq, _kv(seq.cache))
+        self._remember(seq, _kv(seq.cache), seq.prefix_source)
         self.prefilling.remove(seq)
         cache, seq.cache, seq.scored_rows, seq.prefilled = seq.cache, None, [], 0
         if not seq.generated:
@@ -138,14 +140,16 @@ class Lane:
         length, kv = prefixes.lookup(seq.prefill_ids)
         if not length:
             return
-        seq.cache = kv_batch.new_cache(self.model.config)
+        seq.cache, seq.prefix_source = kv_batch.new_cache(self.model.config), prefixes
         for layer, (keys, values) in enumerate(kv):
             seq.cache.update(keys, values, layer)
         seq.prefilled = length
 
-    def _remember(self, seq: Sequence, kv) -> None:
-        if self.engine.prefix_cache is not None:
-            self.engine.prefix_cache.insert(seq.prefill_ids, kv)
+    def _remember(self, seq: Sequence, kv, source) -> None:
+        """Keep `seq`'s prompt KV in the prefix cache that was current when its prefill began (`source`), only if
+        it still is: one forgotten since (a change of routing) would take KV of the old math."""
+        if source is not None and source is self.engine.prefix_cache:
+            source.insert(seq.prefill_ids, kv)
 
     # --- decode ---
 

@@ -65,6 +65,7 @@ class Sequence:
     cache: "DynamicCache | None" = None  # its own, while its prompt is prefilled chunk by chunk
     prefilled: int = 0  # positions of `prefill_ids` in `cache`
     prefix_checked: bool = False  # whether the prefix cache was asked for its prompt
+    prefix_source: object = None  # the prefix cache current when its chunked prefill began
     scored_rows: list = field(default_factory=list)  # [n, V] logits of each prefilled chunk, when scoring
 
     @property

@@ -202,6 +202,7 @@ class MoEServer:
         kv_tokens = config.kv_cache_tokens or kv_budget.positions_in(
             self._free_bytes, config.kv_cache_memory_fraction, self.model)
         prefix_tokens = kv_tokens // 4 if config.prefix_cache_tokens is None else config.prefix_cache_tokens
+        # after the new routing is in place: a prefill begun before this keeps its KV out of the new cache
         self.engine.schedule(config.prefill_chunk_tokens, kv_tokens, prefix_tokens,
                              forget_prefixes=config.routing != self.config.routing)
         self.config = config
