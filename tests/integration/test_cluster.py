@@ -10,7 +10,9 @@ from ray import serve
 
 from cluster.control import ops
 from cluster.control.workers import NAMESPACE, PlacementError, _place, worker_name
-from tests.integration.conftest import deploy, generate, tokens
+from cluster.config import ServeConfig
+from cluster.serving.app import application
+from tests.integration.conftest import HEAD, generate, tokens
 
 APP = "multi"
 PROMPTS = [f"stream {i}: mixture of experts" for i in range(8)]
@@ -18,8 +20,10 @@ PROMPTS = [f"stream {i}: mixture of experts" for i in range(8)]
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, checkpoints, serve_endpoints):
-    deploy(APP, checkpoints["mixtral"], num_workers=3, default_replicas=2, expert_replicas={"0:3": 1},
-           dtype="float32")
+    config = ServeConfig(model=str(checkpoints["mixtral"]), model_name=APP, num_workers=3, default_replicas=2,
+                         expert_replicas={"0:3": 1}, dtype="float32")
+    # the serving replica on the head, so that a worker's node without one is there to remove
+    serve.run(application(config, ray_actor_options={"resources": {HEAD: 1}}), name=APP, route_prefix=f"/{APP}")
     yield ray_cluster
     serve.delete(APP)
 
