@@ -31,7 +31,7 @@ class Lane:
     def cache_positions(self) -> int:
         """Positions this lane's caches hold or its admitted prompts will: padding counts, as it takes memory."""
         batch = self._mask.numel() if self._mask is not None else 0
-        return batch + sum(len(s.prefill_ids) for s in self.prefilling)
+        return batch + sum(s.prefill_len for s in self.prefilling)
 
     def step(self, wait_s: float) -> bool:
         """Admit, prefill within the step's budget, decode one token for every running sequence; False if there
@@ -63,12 +63,12 @@ class Lane:
         while self.prefilling and left > 0:
             head = self.prefilling[0]
             self._reuse_prefix(head)
-            if head.cache is None and len(head.prefill_ids) <= left:
+            if head.cache is None and head.prefill_len <= left:
                 whole = self._whole_prompts(left)
                 self._prefill_whole(whole)
-                left -= sum(len(s.prefill_ids) for s in whole)
+                left -= sum(s.prefill_len for s in whole)
             else:
-                chunk = min(len(head.prefill_ids) - head.prefilled, left)
+                chunk = min(head.prefill_len - head.prefilled, left)
                 self._prefill_chunk(head, int(chunk))
                 left -= chunk
 
@@ -77,10 +77,10 @@ class Lane:
         taken, used = [], 0
         for seq in self.prefilling:
             self._reuse_prefix(seq)
-            if seq.cache is not None or used + len(seq.prefill_ids) > budget:
+            if seq.cache is not None or used + seq.prefill_len > budget:
                 break
             taken.append(seq)
-            used += len(seq.prefill_ids)
+            used += seq.prefill_len
         return taken
 
     def _prefill_whole(self, seqs: list[Sequence]) -> None:
@@ -94,7 +94,7 @@ class Lane:
             if score:
                 seq.prompt_logprobs = prompt_logprobs(rows[-len(seq.prompt_ids):], seq.prompt_ids,
                                                       seq.params.prompt_logprobs)
-            start = width - len(seq.prefill_ids)
+            start = width - seq.prefill_len
             self._remember(seq, [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in _kv(cache)],
                            source)
         self.prefilling = self.prefilling[len(seqs):]
@@ -118,7 +118,7 @@ class Lane:
         if seq.scores_prompt:
             seq.scored_rows.append(logits[0])
         seq.prefilled = end
-        if end < len(seq.prefill_ids):
+        if end < seq.prefill_len:
             return
         if seq.scores_prompt:
             rows = torch.cat(seq.scored_rows)  # [L, V]

@@ -75,6 +75,10 @@ class Sequence:
         return self.prompt_ids + self.generated[:-1]
 
     @property
+    def prefill_len(self) -> int:
+        return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
+
+    @property
     def scores_prompt(self) -> bool:
         return self.params.prompt_logprobs is not None and not self.generated
 

@@ -41,7 +41,7 @@ class Waiting:
         taken = []
         with self._ready:
             while self._sequences and len(taken) < most:
-                need = len(self._sequences[0].prefill_ids)
+                need = self._sequences[0].prefill_len
                 if room is not None and need > room:
                     break
                 room = None if room is None else room - need
