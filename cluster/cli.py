@@ -252,9 +252,11 @@ def _bench(args) -> int:
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
-    if args.stream_interval < 1:
-        print(f"error: --stream-interval must be >= 1, got {args.stream_interval}", file=sys.stderr)
-        return 2
+    for flag, least in (("stream_interval", 1), ("scoring_prompts", 1), ("scoring_tokens", 2), ("long_prompts", 1),
+                        ("long_prompt_tokens", 2)):
+        if getattr(args, flag) < least:
+            print(f"error: --{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
     shape = dict(streams=args.streams, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                  arrival=args.arrival, rate=args.rate, seed=args.seed)
     workload = Workload(args.workload, requests_per_stream=args.requests_per_stream,

@@ -116,3 +116,10 @@ def test_bad_serving_replicas_are_refused_with_the_field(tmp_path, capsys):
     path.write_text("call_deadline: {factor: 1}\n")
     with pytest.raises(Exception, match="(?s)call_deadline.factor.*greater than 1"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("flag, least", [("--scoring-prompts", 1), ("--scoring-tokens", 2), ("--long-prompts", 1),
+                                         ("--long-prompt-tokens", 2)])
+def test_bench_refuses_scoring_and_schedule_sizes_below_their_least(capsys, flag, least):
+    assert main(["bench", flag, str(least - 1)]) == 2
+    assert f"{flag} must be >= {least}" in capsys.readouterr().err
