@@ -69,9 +69,11 @@ class Engine:
         """The budgets of the steps from now on (see __init__). The prefix cache starts empty when its capacity
         changes or with `forget_prefixes`: when the model's math changed (its routing), so did every cached KV."""
         self.prefill_chunk_tokens, self.kv_cache_tokens = prefill_chunk_tokens, kv_cache_tokens
-        current = self.prefix_cache.capacity if self.prefix_cache is not None else 0
-        if prefix_cache_tokens != current or forget_prefixes:
+        old = self.prefix_cache
+        if prefix_cache_tokens != (old.capacity if old is not None else 0) or forget_prefixes:
             self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+            if old is not None and self.prefix_cache is not None:  # /metrics counts them: they never go back
+                self.prefix_cache.asked, self.prefix_cache.found = old.asked, old.found
 
     def resize_queue(self, max_waiting: int) -> None:
         """How many sequences may wait for a batch slot, from now on."""
