@@ -123,3 +123,17 @@ def test_bad_serving_replicas_are_refused_with_the_field(tmp_path, capsys):
 def test_bench_refuses_scoring_and_schedule_sizes_below_their_least(capsys, flag, least):
     assert main(["bench", flag, str(least - 1)]) == 2
     assert f"{flag} must be >= {least}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("prefill_chunk_tokens: 0", "prefill_chunk_tokens.*greater than or equal to 1"),
+    ("kv_cache_tokens: 0", "kv_cache_tokens.*greater than or equal to 1"),
+    ("kv_cache_memory_fraction: 1.5", "kv_cache_memory_fraction.*less than or equal to 1"),
+    ("prefix_cache_tokens: -1", "prefix_cache_tokens.*greater than or equal to 0"),
+    ("limits: {max_prompts: 0}", "limits.max_prompts.*greater than or equal to 1"),
+])
+def test_bad_schedule_values_are_refused_naming_the_field(tmp_path, line, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(Exception, match=f"(?s){message}"):
+        load_config(str(path))
