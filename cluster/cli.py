@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=_init_model)
 
+    train = commands.add_parser("train-demo", help="train the embedded default model on the standard library's source")
+    train.add_argument("--out", help="model directory (default: cluster/demo/model, the embedded default)")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_train_demo)
+
     srv = commands.add_parser("serve", help="serve a checkpoint on a local or existing Ray cluster")
     srv.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     srv.add_argument("--dtype", choices=choices(ServeConfig, "dtype"))
@@ -116,6 +123,18 @@ def _init_model(args) -> int:
     from cluster.demo_model import init_model
 
     print(init_model(args.dir, args.arch, seed=args.seed))
+    return 0
+
+
+def _train_demo(args) -> int:
+    import json
+
+    from cluster.tools.train_demo import MODEL_DIR, train
+
+    if args.steps < 1 or args.threads < 1:
+        print("error: --steps and --threads must be >= 1", file=sys.stderr)
+        return 2
+    print(json.dumps(train(args.out or MODEL_DIR, steps=args.steps, seed=args.seed, threads=args.threads), indent=2))
     return 0
 
 
