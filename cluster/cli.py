@@ -95,11 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="centroids file (default: beside the checkpoint)")
     cal.set_defaults(run=_calibrate)
 
-    rep = commands.add_parser("routing-report", help="load balance, fidelity and throughput of each routing policy")
+    rep = commands.add_parser("routing-report", help="perplexity, fidelity, load balance and throughput of each "
+                                                     "routing policy, and the tokens each expert takes")
     rep.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
-    rep.add_argument("--prompts", help="file with one prompt per line (default: built-in samples)")
+    rep.add_argument("--prompts", help="file with one text per line (default: the embedded model's held-out files)")
     rep.add_argument("--workers", type=int, default=4)
-    rep.add_argument("--capacity-factor", type=float)
+    rep.add_argument("--capacity-factor", type=float, default=1.25,
+                     help="the capacity the capped rows use (tokens per expert per batch, x the even share)")
+    rep.add_argument("--max-tokens", type=int, help="use at most this many tokens of the text")
+    rep.add_argument("--gen-tokens", type=int, default=16, help="tokens decoded per prompt for tok/s (0: skip)")
     rep.add_argument("--policy", action="append", choices=POLICIES, help="repeatable; default: all")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(run=_routing_report)
@@ -196,7 +200,8 @@ def _serve(args) -> int:
     print(f"moecluster is serving {config.model or 'the embedded default model'}")
     print(f"  HTTP (OpenAI-compatible): http://localhost:{args.http_port}/v1/completions")
     print(f"  gRPC (moecluster.v1.Inference): localhost:{args.grpc_port}")
-    example = ["Hello, world", "--target", f"localhost:{args.grpc_port}", "--max-tokens", "16"]
+    prompt = "Hello, world" if config.model else "def fibonacci(n):"  # the embedded model writes Python
+    example = [prompt, "--target", f"localhost:{args.grpc_port}", "--max-tokens", "48"]
     print(f"example request: moecluster generate {' '.join(repr(a) if ' ' in a else a for a in example)}")
     _generate(build_parser().parse_args(["generate", *example]))
     print("Ctrl-C stops it.")
@@ -246,11 +251,14 @@ def _routing_report(args) -> int:
     from cluster.demo_model import default_model_dir
     from cluster.tools.routing_report import format_report, routing_report
 
-    if args.capacity_factor is not None and args.capacity_factor <= 0:
+    if args.capacity_factor <= 0:
         print(f"error: --capacity-factor must be > 0, got {args.capacity_factor}", file=sys.stderr)
         return 2
+    if (args.max_tokens is not None and args.max_tokens < 2) or args.gen_tokens < 0:
+        print("error: --max-tokens must be >= 2 and --gen-tokens >= 0", file=sys.stderr)
+        return 2
     report = routing_report(args.model or str(default_model_dir()), _prompts(args.prompts), args.workers,
-                            args.capacity_factor, policies=args.policy or POLICIES)
+                            args.capacity_factor, args.gen_tokens, args.policy or POLICIES, args.max_tokens)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -52,6 +52,7 @@ SHAPE = dict(
 VOCAB_SIZE = 4096
 CONTEXT = 512
 AUX_LOSS_COEF = 0.02
+CALIBRATION_CHARS = 2048
 
 
 def corpus_files(stdlib: str | None = None) -> list[Path]:
@@ -103,7 +104,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(out_dir: str | Path = MODEL_DIR, steps: int = 2000, batch: int = 8, context: int = CONTEXT,
+def train(out_dir: str | Path = MODEL_DIR, steps: int = 1000, batch: int = 8, context: int = CONTEXT,
           seed: int = 0, threads: int = 2, lr: float = 2e-3, log_every: int = 25, stdlib: str | None = None) -> dict:
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -131,45 +132,52 @@ def train(out_dir: str | Path = MODEL_DIR, steps: int = 2000, batch: int = 8, co
             elapsed = time.perf_counter() - started
             print(f"step {step} loss {out.loss.item():.3f} aux {out.aux_loss.item():.3f} "
                   f"elapsed {elapsed:.0f}s tok/s {(step + 1) * batch * context / elapsed:.0f}", flush=True)
-    model.eval()
-    metrics = {**evaluate(model, tokenizer, stream), "steps": steps, "batch": batch, "context": context,
-               "seed": seed, "threads": threads, "lr": lr, "corpus_files": len(files), "corpus_tokens": len(stream),
+    metrics = {"steps": steps, "batch": batch, "context": context, "seed": seed, "threads": threads, "lr": lr,
+               "corpus_files": len(files), "corpus_tokens": len(stream),
                "train_seconds": round(time.perf_counter() - started), "torch": torch.__version__}
-    save(model, tokenizer, out_dir, metrics)
+    save(model.eval(), tokenizer, out_dir)
+    return finish(out_dir, texts, stream, metrics)
+
+
+def finish(out_dir: str | Path, texts: list[str], stream: torch.Tensor, metrics: dict) -> dict:
+    """Measure the saved (bfloat16) model on the held-out files, fit its k-means routing centroids on training
+    text, and record both beside the weights."""
+    from cluster.tools.routing_report import calibrate
+
+    out = Path(out_dir)
+    metrics = {**metrics, **evaluate(out, stream)}
+    calibrate(out, [text[:CALIBRATION_CHARS] for text in texts[::4]])
+    (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def evaluate(model, tokenizer, stream: torch.Tensor) -> dict:
-    """Held-out perplexity of the model, and of a unigram model fitted on the training stream (add-one)."""
+def evaluate(model_dir: Path, stream: torch.Tensor) -> dict:
+    """Held-out perplexity of the model, and of a unigram model fitted on the training stream (add-one), on the
+    same held-out windows as `moecluster routing-report`."""
+    from cluster.tools.routing_report import windows
+
+    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    ids, _ = windows(tokenizer, list(heldout_texts().values()), None)
     counts = torch.bincount(stream, minlength=len(tokenizer)).double() + 1
-    unigram = (counts / counts.sum()).log()
-    nll, n, uni = 0.0, 0, 0.0
-    for ids in heldout_token_ids(tokenizer).values():
-        nll += sum_nll(model, ids)
-        uni -= float(unigram[ids[1:]].sum())
-        n += len(ids) - 1
-    return {"heldout_perplexity": math.exp(nll / n), "unigram_perplexity": math.exp(uni / n), "heldout_tokens": n}
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    unigram = -(counts / counts.sum()).log()[targets].mean()
+    return {"heldout_perplexity": round(math.exp(float(nll)), 3), "unigram_perplexity": round(math.exp(float(unigram)), 3),
+            "heldout_tokens": targets.numel()}
 
 
-def heldout_token_ids(tokenizer) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor([tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)])
-            for name, text in heldout_texts().items()}
-
-
-@torch.no_grad()
-def sum_nll(model, ids: torch.Tensor, context: int = CONTEXT) -> float:
-    """Summed next-token negative log-likelihood over `ids`, in windows of `context` tokens, each predicting anew."""
-    total = 0.0
-    for start in range(0, len(ids) - 1, context):
-        window = ids[start:start + context + 1]
-        logits = model(input_ids=window[None, :-1]).logits[0].float()
-        total += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
-    return total
-
-
-def save(model, tokenizer, out_dir: str | Path, metrics: dict) -> Path:
+def save(model, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return out
+
+
+def finish_run(out_dir: str | Path, stdlib: str | None = None, **metrics) -> dict:
+    """`finish` for a model already trained and saved: the corpus read and tokenized again as training did."""
+    texts = [p.read_text(encoding="utf-8") for p in corpus_files(stdlib)]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    return finish(out_dir, texts, token_stream(tokenizer, texts), metrics)
