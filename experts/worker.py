@@ -13,6 +13,7 @@ import torch
 
 from experts.bank import ExpertBank
 from experts.keys import expert_key
+from experts.model_ref import ModelRef
 from experts.service import ExpertServer
 from experts.threads import usable_cores
 from protos.wire.unix_stream import DEFAULT_LIMITS, FrameLimits
@@ -34,14 +35,15 @@ class Owner:
 
 
 class ExpertWorker:
-    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str | None, key: str,
+    def __init__(self, model: ModelRef, pairs: list[tuple[int, int]], dtype: str | None, key: str,
                  threads: int | None = None, sharing: int = 1, limits: FrameLimits = DEFAULT_LIMITS,
                  owner: Owner | None = None):
-        """`key`: its version's data-path key, which callers must send. `threads` unset: the cores this worker
+        """`model`: found on this worker's node. `key`: its version's data-path key, which callers must send. `threads` unset: the cores this worker
         may use divided among the `sharing` workers that compute at once on its node."""
         torch.set_num_threads(threads or max(1, usable_cores() // sharing))
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        self.bank = ExpertBank(model_dir, pairs, getattr(torch, dtype) if dtype else None, "cuda" if gpu else "cpu")
+        device = "cuda" if gpu else "cpu"
+        self.bank = ExpertBank(model.local(), pairs, getattr(torch, dtype) if dtype else None, device)
         self.server = ExpertServer(self.bank, key, host=ray.util.get_node_ip_address(), limits=limits)
         self.servicer, self._address = self.server.servicer, self.server.address
         if owner is not None:

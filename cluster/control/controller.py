@@ -40,6 +40,7 @@ from cluster.control.placement import (
 from cluster.control.workers import WorkerSlots, worker_device
 from experts.keys import expert_key, parse_expert_key
 from experts.layout import expert_nbytes, moe_shape
+from experts.model_ref import ModelRef
 from router.health import COUNTERS as ROUTER_COUNTERS
 from router.table import RoutingTable
 from router.timings import merge, per_call_ms
@@ -69,7 +70,7 @@ class RouterReport:
 
 
 class ExpertController:
-    def __init__(self, version: dict, model_dir: str):
+    def __init__(self, version: dict):
         """`version`: the version's fields of the serving config (`config.version_args`); the live ones come from
         the serving replicas (`set_live`)."""
         context = serve.get_deployment_actor_context()
@@ -77,9 +78,10 @@ class ExpertController:
         self.scope = f"{self.app}:{self.code_version[:12]}"
         self._version_fields = version
         self.config = with_live(version, plan_store.load_live(self.scope))
-        self.model_dir = model_dir
-        self.shape = moe_shape(model_dir)
-        self.expert_bytes = expert_nbytes(model_dir, self.config.dtype, worker_device(self.config))
+        self.model = ModelRef.here(self.config.model)
+        self.model_dir = self.model.local()
+        self.shape = moe_shape(self.model_dir)
+        self.expert_bytes = expert_nbytes(self.model_dir, self.config.dtype, worker_device(self.config))
         self.version = 0
         self._start()
         self.window = TokenWindow(self.config.rebalance.window_s)
@@ -100,7 +102,7 @@ class ExpertController:
         """Adopt the workers and plan of this version's previous controller, or place and load new ones."""
         saved = plan_store.load(self.scope)
         owner = (ray.get_runtime_context().get_actor_name(), SERVE_NAMESPACE)  # Serve names it in its namespace
-        self.slots = WorkerSlots(self.config, self.model_dir, self.scope, owner, adopt=saved is not None)
+        self.slots = WorkerSlots(self.config, self.model, self.scope, owner, adopt=saved is not None)
         if self.slots.adopted:
             self.version, self.plan, self.counts = saved
             self.version += 1  # addresses may have changed while no controller ran
@@ -136,6 +138,10 @@ class ExpertController:
     def started(self) -> float:
         """When this controller started (wall clock): the newest one belongs to the newest version."""
         return self.started_at
+
+    def model_ref(self) -> ModelRef:
+        """The checkpoint this version serves, for each serving replica to find on its own node."""
+        return self.model
 
     def data_path_key(self) -> str:
         return plan_store.data_path_key(self.scope)
@@ -359,9 +365,9 @@ def _pairs(spec: dict[str, int]) -> dict[tuple[int, int], int]:
 
 
 
-def controller_actor(version: dict, model_dir: str) -> DeploymentActorConfig:
+def controller_actor(version: dict) -> DeploymentActorConfig:
     """The controller as a deployment-scoped actor of the serving deployment (see the module's docstring)."""
     return DeploymentActorConfig(
-        name=CONTROLLER, actor_class=ray.remote(ExpertController), init_args=(version, model_dir),
+        name=CONTROLLER, actor_class=ray.remote(ExpertController), init_args=(version,),
         actor_options={"num_cpus": 0, "max_concurrency": 16},
     )

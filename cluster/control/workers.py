@@ -19,6 +19,7 @@ from cluster.config import ServeConfig
 from cluster.control import plan_store
 from cluster.control.placement import packs_layers
 from cluster.node_env import ACTOR_ENV
+from experts.model_ref import ModelRef
 from experts.worker import ExpertWorker, Owner
 from protos.wire.unix_stream import FrameLimits
 
@@ -42,11 +43,11 @@ def group_name(scope: str) -> str:
 
 
 class WorkerSlots:
-    def __init__(self, config: ServeConfig, model_dir: str, scope: str, owner: tuple[str, str] | None,
+    def __init__(self, config: ServeConfig, model: ModelRef, scope: str, owner: tuple[str, str] | None,
                  adopt: bool = False):
         """`scope`: the version the workers belong to; `owner`: their controller's actor name and namespace.
         `adopt`: take over the version's existing placement group, if it has one, instead of a new one."""
-        self.config, self.model_dir, self.scope, self.owner = config, model_dir, scope, owner
+        self.config, self.model, self.scope, self.owner = config, model, scope, owner
         self.key = plan_store.data_path_key(scope)
         self.bundle = _bundle(config)
         self.size = config.num_workers
@@ -111,7 +112,7 @@ class WorkerSlots:
                 runtime_env={"env_vars": ACTOR_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
             )
-            .remote(self.model_dir, pairs, dtype, self.key, self.config.worker_threads, self._computing_at_once(slot),
+            .remote(self.model, pairs, dtype, self.key, self.config.worker_threads, self._computing_at_once(slot),
                     FrameLimits.of(self.config.limits), self._owner())
         )
 

@@ -24,7 +24,6 @@ from transformers import AutoTokenizer
 
 from cluster.config import HedgeConfig, RoutingConfig, ServeConfig, live_fields, version_args, with_live
 from cluster.control.controller import CONTROLLER, RouterReport, controller_actor
-from cluster.demo_model import default_model_dir
 from cluster.engine import kv_budget
 from cluster.engine.engine import Engine
 from cluster.engine.sequence import Event, SamplingParams, Sequence
@@ -147,13 +146,13 @@ class MoEServer:
         self.config = with_live(version, {})
         one_line_refusals()
         torch.set_num_threads(self.config.serving_threads or usable_cores())
-        self.model_dir = self.config.model or str(default_model_dir())
+        self.controller = serve.get_deployment_actor(CONTROLLER)
+        self.model_dir = ray.get(self.controller.model_ref.remote()).local()
         self._created = int(time.time())
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model = load_dense_model(self.model_dir, self.config.dtype, device)
         self._router_id = serve.get_replica_context().replica_id.unique_id
-        self.controller = serve.get_deployment_actor(CONTROLLER)
         client = ExpertClient(self.config.expert_timeout_s, ray.get(self.controller.data_path_key.remote()),
                               limits=FrameLimits.of(self.config.limits))
         self.router = ExpertRouter(ray.get(self.controller.attach.remote(self._router_id)), client,
@@ -455,12 +454,11 @@ def application(config: ServeConfig, **options) -> serve.Application:
     """The Serve application of `config`: the version's fields bound as the replicas' init argument, the live ones
     as their user_config, the serving replicas' count or autoscaling as Serve's own options, and the version's
     expert controller as a deployment-scoped actor. `options`: more of Serve's deployment options."""
-    model_dir = config.model or str(default_model_dir())
     version = version_args(config)
     scaling = ({"autoscaling_config": autoscaling_options(config.autoscaling)} if config.autoscaling
                else {"num_replicas": config.num_replicas})
     actor = {**REPLICA_ACTOR, "num_gpus": config.serving_gpus, **options.pop("ray_actor_options", {})}
     return MoEServer.options(
         user_config=live_fields(config), max_surge_percent=rollout_surge(config), ray_actor_options=actor,
-        deployment_actors=[controller_actor(version, model_dir)], **scaling, **options,
+        deployment_actors=[controller_actor(version)], **scaling, **options,
     ).bind(version)

@@ -1,6 +1,7 @@
 """Issue-3 behaviour on a simulated multi-node cluster: placement on distinct nodes, live scaling,
 rebalancing by load, and failover of a worker and of a node, all while requests stream."""
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,3 +124,16 @@ def test_plan_that_cannot_fit_is_refused_at_once(app):
     with pytest.raises(PlacementError, match="short by"):
         _place({"CPU": 1.0}, 50, timeout_s=600)
     assert time.monotonic() - started < 5
+
+
+def test_a_worker_whose_node_lacks_the_checkpoint_fails_to_start_naming_the_node_and_path(app, checkpoints,
+                                                                                            tmp_path):
+    from cluster.control.workers import _first_line
+    from experts.model_ref import ModelRef
+    from experts.worker import ExpertWorker
+
+    ref = ModelRef(str(tmp_path / "gone"), ModelRef.here(str(checkpoints["mixtral"])).fingerprint)
+    worker = ray.remote(ExpertWorker).options(num_cpus=0).remote(ref, [(0, 0)], "float32", "key")
+    with pytest.raises(ray.exceptions.RayActorError) as failed:
+        ray.get(worker.address.remote(), timeout=120)
+    assert re.search(rf"node [\d.]+: no checkpoint at {tmp_path / 'gone'} ", _first_line(failed.value))
