@@ -158,6 +158,15 @@ def load_config(path: str | None, **overrides):
     return ServeConfig.model_validate(fields)
 
 
+def _deploy_failure(error: RuntimeError) -> str:
+    """The cause of a failed deployment (a checkpoint missing on a node, say), without Serve's traceback."""
+    from ray import serve
+
+    messages = [d.message for app in serve.status().applications.values() for d in app.deployments.values()]
+    lines = [line for text in [*messages, str(error)] for line in text.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error: " in line), str(error))
+
+
 def _serve(args) -> int:
     import ray
     from pydantic import ValidationError
@@ -196,7 +205,12 @@ def _serve(args) -> int:
     )
     from cluster.serving.app import build
 
-    serve.run(build(config.model_dump()), name="moecluster", route_prefix="/")
+    try:
+        serve.run(build(config.model_dump()), name="moecluster", route_prefix="/")
+    except RuntimeError as error:  # Serve gave up: its deployment's message ends with the cause
+        print(f"moecluster could not start: {_deploy_failure(error)}", file=sys.stderr)
+        serve.shutdown()
+        return 1
     print(f"moecluster is serving {config.model or 'the embedded default model'}")
     print(f"  HTTP (OpenAI-compatible): http://localhost:{args.http_port}/v1/completions")
     print(f"  gRPC (moecluster.v1.Inference): localhost:{args.grpc_port}")
