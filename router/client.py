@@ -20,6 +20,7 @@ from protos import expert_pb2, expert_pb2_grpc
 from protos.wire import unix_stream
 from protos.wire.grpc_options import KEY_METADATA, ROUTER_KEEPALIVE, message_size
 from protos.wire.staging import HostStaging
+from protos.wire.task_local import TaskLocal
 from protos.wire.tensor import from_proto, header, raw_bytes, to_proto
 from router.dispatch import Dispatch
 from router.hedge import Hedge
@@ -66,7 +67,7 @@ class ExpertClient:
         self._metadata = ((KEY_METADATA, key),)
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
-        self._sockets = threading.local()  # address -> this thread's connected Unix socket
+        self._sockets = TaskLocal("sockets")  # address -> this task's connected Unix socket
         self._all_sockets: set[socket.socket] = set()
         self._grpc_only: set[str] = set()  # addresses with no Unix socket on this host
         self._outstanding: Counter[int] = Counter()
@@ -95,28 +96,36 @@ class ExpertClient:
         """[S, D] rows in dispatch order, one call per worker, all in flight at once. With `hedge`, a call that has
         not answered after `hedge.after_s` races a copy of its share sent to other replicas of its experts.
         `timeout_s`: this call's deadline, at most the client's (unset: the client's)."""
+        return self.collect(self.send(layer, dispatch, rows, addresses, hedge, timeout_s))
+
+    def send(self, layer: int, dispatch: Dispatch, rows: torch.Tensor, addresses: dict[int, str],
+             hedge: Hedge | None = None, timeout_s: float | None = None) -> "LayerCall":
+        """`forward`'s first half: every worker's share sent. The caller may compute, then must `collect`."""
         timeout_s = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
-        device, replies, late = rows.device, LayerReplies(self.staging.host_like(rows)), []
-        rows = self.staging.to_host(rows)
+        replies, host_rows = LayerReplies(self.staging.host_like(rows)), self.staging.to_host(rows)
         calls, start, sent = [], 0, time.monotonic()
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
-            calls.append(self._call(layer, worker, addresses[worker], experts, counts, start, rows[start:end],
+            calls.append(self._call(layer, worker, addresses[worker], experts, counts, start, host_rows[start:end],
                                     timeout_s))
             start = end
-        deadline = sent + timeout_s
         self._track(calls, +1)
+        return LayerCall(layer, calls, host_rows, replies, rows.device, sent, sent + timeout_s, hedge, addresses)
+
+    def collect(self, call: "LayerCall") -> LayerReplies:
+        """`forward`'s second half: every reply of `call` read (a socket left with one would be out of step)."""
+        replies, late = call.replies, []
         try:
-            for call in calls:  # every reply is read: a socket left with one would be out of step
-                if hedge is not None and not _ready(call.handle, sent + hedge.after_s):
-                    late.append(call)
+            for share in call.shares:
+                if call.hedge is not None and not _ready(share.handle, call.sent + call.hedge.after_s):
+                    late.append(share)
                 else:
-                    self._collect(replies, layer, call, deadline)
-            for call in late:  # the others are read, so their sockets are free for the hedges
-                self._race(replies, layer, call, deadline, hedge, addresses, rows, late)
+                    self._collect(replies, call.layer, share, call.deadline)
+            for share in late:  # the others are read, so their sockets are free for the hedges
+                self._race(replies, call.layer, share, call.deadline, call.hedge, call.addresses, call.rows, late)
         finally:
-            self._track(calls, -1)
-        replies.out = self.staging.to_device(replies.out, device)
+            self._track(call.shares, -1)
+        replies.out = self.staging.to_device(replies.out, call.device)
         return replies
 
     def _call(self, layer, worker, address, experts, counts, start, rows, timeout_s) -> "_Call":
@@ -239,7 +248,7 @@ class ExpertClient:
         return from_proto(reply.hidden, data), reply.compute_s
 
     def _unix_socket(self, address: str) -> socket.socket | None:
-        sockets = self._sockets.__dict__
+        sockets = self._sockets.vars()
         if address not in sockets and address not in self._grpc_only:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -254,7 +263,7 @@ class ExpertClient:
         return sockets.get(address)
 
     def _drop(self, address: str) -> None:
-        sock = self._sockets.__dict__.pop(address, None)
+        sock = self._sockets.vars().pop(address, None)
         if sock is not None:
             sock.close()
             with self._lock:
@@ -278,6 +287,33 @@ class ExpertClient:
         with self._lock:
             for call in calls:
                 self._outstanding[call.worker] += sign * (call.end - call.start)
+
+
+class RepliesAtOnce:
+    """ExpertClient's send and collect for a client whose `forward` has the replies at once (experts in the
+    router's own process, a test's fake workers): there is nothing in flight to overlap."""
+
+    def send(self, layer, dispatch, rows, addresses, hedge=None, timeout_s=None) -> LayerReplies:
+        return self.forward(layer, dispatch, rows, addresses, hedge, timeout_s)
+
+    @staticmethod
+    def collect(replies: LayerReplies) -> LayerReplies:
+        return replies
+
+
+@dataclass
+class LayerCall:
+    """A layer call whose shares are sent and whose replies are not yet read."""
+
+    layer: int
+    shares: list["_Call"]
+    rows: torch.Tensor  # [S, D] on the host, in dispatch order
+    replies: LayerReplies
+    device: torch.device  # of the rows, where the replies go
+    sent: float
+    deadline: float
+    hedge: Hedge | None
+    addresses: dict[int, str]
 
 
 @dataclass

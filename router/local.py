@@ -9,14 +9,14 @@ import torch
 
 from experts.bank import ExpertBank
 from experts.layout import experts_modules
-from router.client import LayerReplies
+from router.client import LayerReplies, RepliesAtOnce
 from router.dispatch import Dispatch
 from router.remote import ExpertRouter
 from router.seam import route_experts
 from router.table import RoutingTable
 
 
-class LocalExperts:
+class LocalExperts(RepliesAtOnce):
     """ExpertClient's contract, served by ExpertBanks in this process."""
 
     def __init__(self, banks: list[ExpertBank]):

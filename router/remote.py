@@ -18,9 +18,11 @@ from router.dispatch import Dispatch, combine, plan_dispatch
 from router.health import WorkerHealth
 from router.deadline import CallDeadlines
 from router.hedge import Hedge, HedgePolicy
+from router.pingpong import pause
 from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
+from protos.wire.task_local import TaskLocal
 from router.timings import LayerTimings
 
 
@@ -41,7 +43,7 @@ class ExpertRouter:
         self.hedging = hedging
         self.probe_timeout_s = probe_timeout_s
         self.counters: Counter[str] = Counter()  # retries: pairs sent again after their worker failed
-        self._step = threading.local()  # token ids of the forward in progress in each engine thread
+        self._step = TaskLocal("step")  # token ids of the forward in progress in each engine task
         self._turns = itertools.count()
         self._probe_row: torch.Tensor | None = None  # [1, D] zeros in the model's dtype
         self._closed = threading.Event()
@@ -65,43 +67,49 @@ class ExpertRouter:
     def tokens(self, input_ids: torch.Tensor):
         """The token ids of the forward run in this block, in this thread (token-keyed policies route by them):
         they are the rows of every MoE layer's hidden states, in the same order."""
-        self._step.token_ids = input_ids.reshape(-1)
+        self._step.vars()["token_ids"] = input_ids.reshape(-1)
         try:
             yield
         finally:
-            self._step.token_ids = None
+            self._step.vars()["token_ids"] = None
 
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        token_ids = getattr(self._step, "token_ids", None)
+        token_ids = self._step.vars().get("token_ids")
         top_k_index, top_k_weights = self.policy.route(layer, hidden, top_k_index, top_k_weights, token_ids)
         top_k_index = top_k_index.cpu()  # the plan is host work: its expert ids and counts go on the wire as lists
         self._count(layer, top_k_index)
         if self._probe_row is None:
             self._probe_row = hidden.new_zeros(1, hidden.shape[-1])
         started = time.perf_counter()
-        pair_out, waited, compute_s = self._expert_outputs(layer, hidden, top_k_index)
+        pair_out, waited, compute_s, paused = self._expert_outputs(layer, hidden, top_k_index)
         received = time.perf_counter()
         combined = combine(pair_out, top_k_weights).to(hidden.dtype)
-        self.timings.add(dispatch=received - started - waited, wait=waited - compute_s, expert_compute=compute_s,
-                         combine=time.perf_counter() - received)
+        self.timings.add(dispatch=received - started - waited - paused, wait=max(0.0, waited - compute_s),
+                         expert_compute=min(compute_s, waited), overlapped=paused, combine=time.perf_counter() - received)
         return combined
 
     def _expert_outputs(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
-        """([S, D] each pair's expert output in pair order, seconds waited on workers, their compute seconds).
-        `top_k_index` is on the host; `hidden` and the outputs on the model's device."""
+        """([S, D] each pair's expert output in pair order, seconds waited on workers, their compute seconds,
+        seconds paused while the step's other micro-batches computed). `top_k_index` is on the host; `hidden` and
+        the outputs on the model's device."""
         flat, top_k, device = top_k_index.reshape(-1), top_k_index.shape[-1], hidden.device  # [S]
         out = hidden.new_empty(flat.numel(), hidden.shape[-1])  # [S, D]
         pending = torch.arange(flat.numel())  # [P] pairs still without an output
-        waited = compute_s = 0.0
+        waited = compute_s = paused = 0.0
         while pending.numel():
             table = self.table
             dispatch = self._plan(layer, table, flat[pending])
             sent_pairs = pending[dispatch.order]  # [P] in dispatch order
             rows = hidden.index_select(0, (sent_pairs // top_k).to(device))
             sent = time.perf_counter()
-            replies = self.client.forward(layer, dispatch, rows, table.addresses, self._hedge(layer, table),
-                                          self._timeout_s(layer, table))
-            waited += time.perf_counter() - sent
+            call = self.client.send(layer, dispatch, rows, table.addresses, self._hedge(layer, table),
+                                    self._timeout_s(layer, table))
+            before_pause = time.perf_counter()
+            pause()  # the step's other micro-batches compute while the workers do
+            resumed = time.perf_counter()
+            replies = self.client.collect(call)
+            paused += resumed - before_pause
+            waited += time.perf_counter() - sent - (resumed - before_pause)
             if not replies.failed:
                 self._observe(layer, time.perf_counter() - sent)
             compute_s += replies.compute_s
@@ -121,7 +129,7 @@ class ExpertRouter:
             if pending.numel():
                 with self._stats_lock:
                     self.counters["retries"] += int(pending.numel())
-        return out, waited, compute_s
+        return out, waited, compute_s, paused
 
     def _timeout_s(self, layer: int, table: RoutingTable) -> float | None:
         return self.deadlines.timeout_s(layer, layer in table.replicated) if self.deadlines is not None else None

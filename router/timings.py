@@ -3,7 +3,8 @@
 import threading
 import time
 
-PHASES = ("gating", "dispatch", "wait", "expert_compute", "combine")
+# overlapped: a micro-batch paused while the step's others computed, its expert calls in flight (router/pingpong.py)
+PHASES = ("gating", "dispatch", "wait", "expert_compute", "overlapped", "combine")
 
 
 class LayerTimings:

@@ -10,6 +10,8 @@ import queue
 import threading
 from collections.abc import Iterator
 
+import torch
+
 from cluster.engine.detokenize import IncrementalText
 from cluster.engine.lane import Lane
 from cluster.engine.prefix_cache import PrefixCache
@@ -18,14 +20,16 @@ from cluster.engine.sequence import Event, SamplingParams, Sequence
 from cluster.engine.waiting import Waiting
 from cluster.errors import InvalidRequest
 from experts.threads import use_process_threads
+from router.pingpong import interleave
 
-IDLE_WAIT_S = 0.1  # how long an idle lane waits for work before it looks at `close` again
+IDLE_WAIT_S = 0.1  # how long an idle engine waits for work before it looks at `close` again
 
 
 class Engine:
-    """Admission for `lanes` batches: while one lane's MoE layer waits on the expert workers, another computes
-    (two micro-batches in ping-pong). With `background`, each lane steps in a thread of its own until `close`;
-    without, the caller drives it with `step` (as `generate` and `stream` then do)."""
+    """Admission for `lanes` batches, the micro-batches of each step: they run interleaved in one thread, so that
+    while one lane's MoE layer waits on the expert workers, another computes (router/pingpong.py). With
+    `background`, a thread steps them until `close`; without, the caller drives them with `step` (as `generate`
+    and `stream` then do)."""
 
     def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 64, max_waiting: int = 1024,
                  step_tokens=None, lanes: int = 1, background: bool = True, prefill_chunk_tokens: int | None = None,
@@ -46,9 +50,7 @@ class Engine:
         self.background = background
         self.lanes = [Lane(self, i) for i in range(lanes)]
         if background:
-            for lane in self.lanes:
-                threading.Thread(target=self._loop, args=(lane,), name=f"moecluster-engine-{lane.index}",
-                                 daemon=True).start()
+            threading.Thread(target=self._loop, name="moecluster-engine", daemon=True).start()
 
     def submit(self, sequence: Sequence) -> None:
         self.submit_all([sequence])
@@ -80,9 +82,10 @@ class Engine:
         self._waiting.max_waiting = max_waiting
 
     def step(self) -> bool:
-        """One iteration of every lane: admit waiting sequences, prefill them, decode a token for each running
-        one. False when there was nothing to do."""
-        stepped = [lane.step(wait_s=0) for lane in self.lanes]  # every lane, even after one had work
+        """One iteration of every lane, interleaved: admit waiting sequences, prefill them, decode a token for each
+        running one. False when there was nothing to do."""
+        with torch.inference_mode():  # entered once: a lane's own, entered and left in turns, would nest out of order
+            stepped = interleave([lane.step for lane in self.lanes])
         return any(stepped)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600) -> Iterator[Event]:
@@ -146,12 +149,10 @@ class Engine:
             self.step()
         return events.get_nowait()
 
-    def admit(self, lane: Lane, wait_s: float) -> list[Sequence]:
+    def admit(self, lane: Lane) -> list[Sequence]:
         """New sequences for `lane`: its fair share of what runs and waits, as far as the KV-cache budget has
-        room for their prompts; an idle lane waits up to `wait_s` for the first."""
+        room for their prompts."""
         busy = len(lane.running) + len(lane.prefilling)
-        if not busy and not len(self._waiting):
-            self._waiting.wait(wait_s)
         total = sum(len(other.running) + len(other.prefilling) for other in self.lanes) + len(self._waiting)
         share = min(-(-total // len(self.lanes)), self.max_batch_size // len(self.lanes) or 1)
         used = self.cache_positions()
@@ -160,10 +161,11 @@ class Engine:
         new = self._waiting.take(share - busy, room)
         return [s for s in new if not s.cancelled]
 
-    def _loop(self, lane: Lane) -> None:
+    def _loop(self) -> None:
         use_process_threads()
         while not self._closed.is_set():
-            lane.step(wait_s=IDLE_WAIT_S)
+            if not self.step():
+                self._waiting.wait(IDLE_WAIT_S)
 
 
 def _no_context(ids):

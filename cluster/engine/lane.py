@@ -33,10 +33,10 @@ class Lane:
         batch = self._mask.numel() if self._mask is not None else 0
         return batch + sum(s.prefill_len for s in self.prefilling)
 
-    def step(self, wait_s: float) -> bool:
+    def step(self) -> bool:
         """Admit, prefill within the step's budget, decode one token for every running sequence; False if there
         was nothing to do."""
-        self.prefilling += self.engine.admit(self, wait_s)
+        self.prefilling += self.engine.admit(self)
         self.prefilling = [s for s in self.prefilling if not s.cancelled]
         if not self.prefilling and not self.running:
             return False

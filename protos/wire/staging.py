@@ -1,17 +1,18 @@
-"""Host copies of a GPU's tensors for the wire, through pinned buffers that each thread reuses call after call.
+"""Host copies of a GPU's tensors for the wire, through pinned buffers that each task (thread, or micro-batch's
+greenlet) reuses call after call.
 
 A copy between a GPU and pinned memory is a DMA the host need not wait for; one from pageable memory first
 goes through the driver's own staging, synchronously. Tensors already on the host pass through untouched.
 """
 
-import threading
-
 import torch
+
+from protos.wire.task_local import TaskLocal
 
 
 class HostStaging:
     def __init__(self):
-        self._local = threading.local()  # this thread's {role: (pinned bytes, event after the last copy from them)}
+        self._local = TaskLocal("staging")  # this task's {role: (pinned bytes, event after the last copy from them)}
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` in host memory; valid until this thread's next `to_host`."""
@@ -46,7 +47,7 @@ class HostStaging:
         return out
 
     def _slots(self) -> dict:
-        return vars(self._local)
+        return self._local.vars()
 
     def _take(self, role: str, shape, dtype: torch.dtype) -> torch.Tensor:
         buffer, copied = self._slots().get(role, (None, None))

@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from router.client import ExpertCallError, LayerReplies
+from router.client import ExpertCallError, LayerReplies, RepliesAtOnce
 from router.health import WorkerHealth
 from router.remote import ExpertRouter
 from router.replicas import NoReplica
@@ -64,7 +64,7 @@ def test_forgotten_workers_start_afresh():
     assert health.counters["readmissions"] == 0
 
 
-class FakeWorkers:
+class FakeWorkers(RepliesAtOnce):
     """ExpertClient's contract: expert e multiplies its rows by e + 1; workers in `failing` fail with `status`."""
 
     def __init__(self, status=grpc.StatusCode.DEADLINE_EXCEEDED):
