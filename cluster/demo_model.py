@@ -1,8 +1,6 @@
-"""Small random-weight checkpoints in Hugging Face format, with a real tokenizer, for demos and tests."""
+"""The embedded default model, and small random-weight checkpoints in Hugging Face format for tests."""
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,12 +10,13 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokeniz
 from experts.families import ARCHS, demo_config_kwargs
 
 DEFAULT_ARCH = "mixtral"
-# The embedded default model: the 4-layer, 8-expert, top-2, hidden-256 Mixtral the benchmarks use.
+# Shipped in the package: trained by `moecluster train-demo` (cluster/tools/train_demo.py), never made at start-up.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
+# A random-weight Mixtral of the default's size (the default before it was trained), for tests that want one.
 DEFAULT_SHAPE = dict(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+    hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
     max_position_embeddings=1024, initializer_range=0.05,
 )
-DEFAULT_VERSION = "v2"  # v2: a chat template
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 # Each message as "<|role|>" and its content, ended by the end-of-sequence token; then the assistant's turn.
 CHAT_TEMPLATE = (
@@ -77,19 +76,13 @@ def _randomize_zero_biases(model) -> None:
 
 
 def cache_dir() -> Path:
-    """Where moecluster keeps what it makes once and reuses: the default model, the test tools' environment."""
+    """Where moecluster keeps what it makes once and reuses: the test tools' environment."""
     return Path(os.environ.get("MOECLUSTER_CACHE", Path.home() / ".cache" / "moecluster"))
 
 
 def default_model_dir() -> Path:
-    """The embedded default model, made once (deterministically) in the cache directory."""
-    target = cache_dir() / "models" / f"{DEFAULT_ARCH}-default-{DEFAULT_VERSION}"
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent))
-        init_model(staging, DEFAULT_ARCH, seed=0, **DEFAULT_SHAPE)
-        try:
-            staging.rename(target)
-        except OSError:  # another process made it first
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The embedded default model: a Mixtral trained on the Python standard library, shipped in the package."""
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{DEFAULT_MODEL_DIR}: the embedded model's weights are missing; "
+                                "`moecluster train-demo` makes them, or pass --model DIR")
+    return DEFAULT_MODEL_DIR

@@ -7,6 +7,7 @@ and step count give the same weights on the same torch build.
 
 import json
 import math
+import platform
 import sysconfig
 import time
 from pathlib import Path
@@ -134,7 +135,8 @@ def train(out_dir: str | Path = MODEL_DIR, steps: int = 1000, batch: int = 8, co
                   f"elapsed {elapsed:.0f}s tok/s {(step + 1) * batch * context / elapsed:.0f}", flush=True)
     metrics = {"steps": steps, "batch": batch, "context": context, "seed": seed, "threads": threads, "lr": lr,
                "corpus_files": len(files), "corpus_tokens": len(stream),
-               "train_seconds": round(time.perf_counter() - started), "torch": torch.__version__}
+               "train_seconds": round(time.perf_counter() - started), "torch": torch.__version__,
+               "python": platform.python_version()}
     save(model.eval(), tokenizer, out_dir)
     return finish(out_dir, texts, stream, metrics)
 
