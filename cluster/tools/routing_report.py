@@ -78,7 +78,8 @@ def routing_report(model_dir, texts: list[str] | None = None, workers: int = 4,
     worker_of, rows, reference = _worker_of(model, workers), [], None
     choices = _record_gate(model)
     policies = ["model", *(p for p in policies if p != "model")]  # the learned gate at its own top-k comes first
-    for top_k in _top_ks(model):
+    top_ks = _top_ks(model)
+    for top_k in top_ks:
         for factor in dict.fromkeys([None, capacity_factor]):
             for name in policies:
                 row, logprobs = _evaluate(model, router, ids, name, top_k, factor, centroids)
@@ -88,7 +89,7 @@ def routing_report(model_dir, texts: list[str] | None = None, workers: int = 4,
                            **_fidelity(reference, logprobs, ids))
                 rows.append(row)
                 choices.clear()
-    _set_top_k(model, _top_ks(model)[0])
+    _set_top_k(model, top_ks[0])
     speed = {name: _throughput(model, router, tokenizer, name, centroids, gen_tokens) for name in policies} \
         if gen_tokens else {}
     return {"model": str(model_dir), "tokens": ids.numel(), "workers": workers, "capacity_factor": capacity_factor,
