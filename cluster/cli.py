@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bench.add_argument("--stream-interval", type=int, default=1, help="fewest tokens per streamed message after the first")
     bench.add_argument("--placement", choices=choices(ServeConfig, "placement"), default="auto")
+    bench.add_argument("--engine-lanes", default="1", help="micro-batches per step in ping-pong, e.g. 1,2: the "
+                       "first for every served run, each other one served again at every worker count (overlap)")
     bench.add_argument("--micro-iters", type=int, default=30)
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--scoring-prompts", type=int, default=32, help="prompts scored in one request")
@@ -287,6 +289,7 @@ def _bench(args) -> int:
     try:
         args.workers, args.prompt_lengths, args.output_lengths = (
             parse_counts(args.workers), parse_lengths(args.prompt_lengths), parse_lengths(args.output_lengths))
+        args.engine_lanes = parse_counts(args.engine_lanes)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -314,7 +317,7 @@ def _bench(args) -> int:
                        stream_interval=args.stream_interval, placement=args.placement,
                        equal=Workload("equal", requests_per_stream=1, **shape), scoring_prompts=args.scoring_prompts,
                        scoring_tokens=args.scoring_tokens, long_prompts=args.long_prompts,
-                       long_prompt_tokens=args.long_prompt_tokens)
+                       long_prompt_tokens=args.long_prompt_tokens, engine_lanes=tuple(args.engine_lanes))
     text = json.dumps(report, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -13,6 +13,7 @@ from collections import Counter
 import torch
 
 from experts.keys import expert_key
+from protos.wire.task_local import TaskLocal
 from router.client import ExpertCallError
 from router.dispatch import Dispatch, combine, plan_dispatch
 from router.health import WorkerHealth
@@ -22,7 +23,6 @@ from router.pingpong import pause
 from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
-from protos.wire.task_local import TaskLocal
 from router.timings import LayerTimings
 
 

@@ -29,7 +29,7 @@ from experts.threads import usable_cores
 PAUSE_S = 0.03
 SMOKE = dict(streams=2, requests_per_stream=1, prompt_tokens=8, output_tokens=4, prompt_lengths=Lengths(4, 8, 16),
              output_lengths=Lengths(2, 4, 8), workers=[2], micro_iters=3, stream_interval=2, scoring_prompts=4,
-             scoring_tokens=16, long_prompts=1, long_prompt_tokens=48)
+             scoring_tokens=16, long_prompts=1, long_prompt_tokens=48, engine_lanes=[1, 2])
 
 
 # --- load generation ---
@@ -330,12 +330,14 @@ def _free_port() -> int:
 def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "float32", micro_iters: int = 30,
           baselines: bool = True, stream_interval: int = 1, placement: str = "auto",
           equal: Workload | None = None, scoring_prompts: int = 32, scoring_tokens: int = 200,
-          long_prompts: int = 4, long_prompt_tokens: int = 900) -> dict:
+          long_prompts: int = 4, long_prompt_tokens: int = 900, engine_lanes: tuple[int, ...] = (1,)) -> dict:
     """`workload` served at each worker count (the micro-benchmarks and the scoring at the largest) and through
     the peers; `equal` (default: `workload` if it is equal-length) through the in-process engine and `generate`;
     scoring: `scoring_prompts` prompts of `scoring_tokens` tokens in one request, one request per prompt, and
     transformers' forward; the engine's schedule: streams' gaps while `long_prompts` prompts of
-    `long_prompt_tokens` tokens arrive, whole and in chunks, and a cached prefix's time to first token."""
+    `long_prompt_tokens` tokens arrive, whole and in chunks, and a cached prefix's time to first token. The served
+    runs step `engine_lanes[0]` micro-batches; each further count is served again at every worker count
+    (`overlap`)."""
     from transformers import AutoConfig
 
     from cluster.config import ServeConfig
@@ -344,7 +346,8 @@ def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "
     threads, max_batch_size = usable_cores(), ServeConfig.model_fields["max_batch_size"].default
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
     requests = workload.requests(vocab_size)
-    serving = {"dtype": dtype, "stream_interval": stream_interval, "placement": placement}
+    serving = {"dtype": dtype, "stream_interval": stream_interval, "placement": placement,
+               "engine_lanes": engine_lanes[0]}
     report = {"model": model_dir, "workload": {**asdict(workload), "lengths": describe(requests)}, "threads": threads,
               "workers": workers, "max_batch_size": max_batch_size, **serving}
     micro = {"iters": micro_iters}
@@ -352,6 +355,9 @@ def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "
     report["moecluster"] = {str(n): run_distributed(model_dir, workload, requests, {"num_workers": n, **serving},
                                                     *((micro, scoring) if n == max(workers) else (None, None)))
                             for n in workers}
+    report["overlap"] = {str(lanes): {str(n): _served_only(run_distributed(
+        model_dir, workload, requests, {"num_workers": n, **serving, "engine_lanes": lanes}, None))
+        for n in workers} for lanes in engine_lanes[1:]}
     largest = report["moecluster"][str(max(workers))]
     report["micro"], report["scoring"] = largest.pop("micro"), largest.pop("scoring")
     if baselines:
@@ -363,6 +369,11 @@ def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "
         report.update(run_peers(model_dir, played, equal_played, threads, dtype, max_batch_size, schedule, scoring))
         report["ratios"] = ratios(report)
     return report
+
+
+def _served_only(result: dict) -> dict:
+    """What the overlap runs report: throughput and where a MoE layer call's time goes."""
+    return {"output_tokens_per_s": result["output_tokens_per_s"], "moe_layer_ms": result["moe_layer_ms"]}
 
 
 def run_peers(model_dir: str, played: tuple, equal_played: tuple, threads: int, dtype: str,
@@ -393,6 +404,9 @@ def ratios(report: dict) -> dict:
     out = {"vs_transformers": top / tps["transformers"], "vs_inprocess": top / tps["inprocess"],
            "vs_transformers_by_workers": {n: s / tps["transformers"] for n, s in served.items()},
            "vs_inprocess_by_workers": {n: s / tps["inprocess"] for n, s in served.items()},
+           "overlap_vs_inprocess_by_workers": {lanes: {n: r["output_tokens_per_s"] / tps["inprocess"]
+                                                       for n, r in runs.items()}
+                                               for lanes, runs in report.get("overlap", {}).items()},
            "inprocess_vs_transformers": equal["inprocess"]["output_tokens_per_s"]
            / equal["transformers"]["output_tokens_per_s"],
            "inprocess_vs_transformers_realistic": tps["inprocess"] / tps["transformers"]}
@@ -423,6 +437,10 @@ def print_summary(report: dict) -> None:
               f"p99 {result['ttft_ms']['p99']:.1f} ms  TPOT p50 {result['tpot_ms']['p50']:.1f} "
               f"p99 {result['tpot_ms']['p99']:.1f} ms")
         print("  MoE layer ms per call: " + _phases(result))
+    for lanes, runs in report["overlap"].items():
+        for workers, result in runs.items():
+            print(f"moecluster, {workers} workers, {lanes} lanes in ping-pong {_throughput(result)}  MoE layer ms per "
+                  "call: " + _phases(result))
     if "ratios" in report:
         _print_peers(report)
     scoring = report["scoring"]

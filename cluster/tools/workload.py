@@ -96,5 +96,5 @@ def parse_counts(text: str) -> list[int]:
     """`1,2,4`: distinct positive counts, in the given order."""
     counts = [int(part) for part in text.split(",")]
     if min(counts) < 1 or len(set(counts)) < len(counts):
-        raise ValueError(f"worker counts {text!r} must be distinct and at least 1")
+        raise ValueError(f"counts {text!r} must be distinct and at least 1")
     return counts

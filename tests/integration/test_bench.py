@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tempfile
 
-PHASES = {"gating", "dispatch", "wait", "expert_compute", "combine"}
+PHASES = {"gating", "dispatch", "wait", "expert_compute", "overlapped", "combine"}
 
 
 def test_bench_smoke_emits_a_complete_report(tmp_path):
@@ -75,4 +75,8 @@ def _check_ratios(report):
     ratios = report["ratios"]
     assert ratios["vs_transformers"] > 0 and ratios["vs_inprocess"] > 0 and ratios["inprocess_vs_transformers"] > 0
     assert set(ratios["vs_inprocess_by_workers"]) == set(report["moecluster"])
+    assert report["engine_lanes"] == 1 and set(report["overlap"]) == {"2"}  # the smoke run's ping-pong
+    overlap = ratios["overlap_vs_inprocess_by_workers"]["2"]
+    assert set(overlap) == set(report["moecluster"]) and all(r > 0 for r in overlap.values())
+    assert set(report["overlap"]["2"]["2"]["moe_layer_ms"]) == PHASES
     assert ("vs_transformers_continuous" in ratios) != bool(report["transformers_continuous"].get("skipped"))
