@@ -61,9 +61,16 @@ def socket_name(address: str) -> str:
 
 def send(sock: socket.socket, message: bytes, tensor_bytes: memoryview | bytes = b"",
          code: grpc.StatusCode = grpc.StatusCode.OK) -> None:
-    sock.sendall(_HEADER.pack(len(message), len(tensor_bytes), code.value[0]) + message)
+    """One frame in one system call where the socket takes it whole (a scatter-gather send, no joined copy)."""
+    parts = [memoryview(_HEADER.pack(len(message), len(tensor_bytes), code.value[0]) + message).cast("B")]
     if len(tensor_bytes):
-        sock.sendall(tensor_bytes)
+        parts.append(memoryview(tensor_bytes).cast("B"))
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][sent:]
 
 
 def receive(sock: socket.socket, limits: FrameLimits = DEFAULT_LIMITS, into: Callable[[int], memoryview] | None = None

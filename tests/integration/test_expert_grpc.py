@@ -32,6 +32,12 @@ class GrpcWorkers:
     def forward(self, *args):
         return self.client.forward(*args)
 
+    def send(self, *args):
+        return self.client.send(*args)
+
+    def collect(self, call):
+        return self.client.collect(call)
+
     def stop(self):
         self.client.close()
         for server in self.servers:

@@ -46,3 +46,22 @@ def test_a_frame_is_received_into_the_buffer_given():
     assert torch.equal(out, tensor) and bytes(given) == bytes(raw_bytes(tensor))
     out.zero_()  # the tensor is the given buffer itself
     assert not any(given)
+
+
+def test_a_frame_larger_than_the_socket_buffer_goes_in_pieces_and_arrives_whole():
+    import socket
+    import threading
+
+    from protos.wire import unix_stream
+
+    tensor = torch.randn(512, 1024)  # 2 MiB: several sends where the buffer holds 64 KiB
+    sent, received = socket.socketpair()
+    sent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    with sent, received:
+        out = {}
+        reader = threading.Thread(target=lambda: out.update(frame=unix_stream.receive(received)))
+        reader.start()
+        unix_stream.send(sent, header(tensor).SerializeToString(), raw_bytes(tensor))
+        reader.join(10)
+    code, message, data = out["frame"]
+    assert torch.equal(from_proto(expert_pb2.Tensor.FromString(bytes(message)), data), tensor)
