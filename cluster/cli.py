@@ -257,7 +257,12 @@ def _calibrate(args) -> int:
     from cluster.demo_model import default_model_dir
     from cluster.tools.routing_report import calibrate
 
-    print(calibrate(args.model or str(default_model_dir()), _prompts(args.prompts), args.out))
+    prompts = _prompts(args.prompts)
+    if prompts is None and args.model is None:  # the embedded model's centroids are fitted on its training code
+        from cluster.tools.train_demo import calibration_texts
+
+        prompts = calibration_texts()
+    print(calibrate(args.model or str(default_model_dir()), prompts, args.out))
     return 0
 
 

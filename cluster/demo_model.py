@@ -12,7 +12,8 @@ from experts.families import ARCHS, demo_config_kwargs
 DEFAULT_ARCH = "mixtral"
 # Shipped in the package: trained by `moecluster train-demo` (cluster/tools/train_demo.py), never made at start-up.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "model"
-# A random-weight Mixtral of the default's size (the default before it was trained), for tests that want one.
+# The trained default's shape (its vocabulary aside), for a random-weight Mixtral of its size: init_model(dir,
+# DEFAULT_ARCH, **DEFAULT_SHAPE).
 DEFAULT_SHAPE = dict(
     hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
     max_position_embeddings=1024, initializer_range=0.05,

@@ -148,9 +148,15 @@ def finish(out_dir: str | Path, texts: list[str], stream: torch.Tensor, metrics:
 
     out = Path(out_dir)
     metrics = {**metrics, **evaluate(out, stream)}
-    calibrate(out, [text[:CALIBRATION_CHARS] for text in texts[::4]])
+    calibrate(out, calibration_texts(texts))
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def calibration_texts(texts: list[str] | None = None) -> list[str]:
+    """What the k-means centroids are fitted on: the start of every fourth training file (never held-out text)."""
+    texts = texts or [p.read_text(encoding="utf-8") for p in corpus_files()]
+    return [text[:CALIBRATION_CHARS] for text in texts[::4]]
 
 
 def evaluate(model_dir: Path, stream: torch.Tensor) -> dict:
