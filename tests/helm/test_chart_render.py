@@ -15,7 +15,8 @@ VALUE_SETS = ["default", "ci"]
 
 # Every model storage source, with the objects it renders: each must pass the schemas too.
 STORAGE = {
-    "demo": {},
+    "embedded": {},
+    "demo": {"sets": ["modelStorage.type=demo"]},
     "pvc-existing": {"sets": ["modelStorage.type=pvc", "modelStorage.pvc.existingClaim=models",
                               "modelStorage.pvc.subPath=qwen3"]},
     "pvc-create": {"sets": ["modelStorage.type=pvc", "modelStorage.pvc.create=true",
@@ -95,11 +96,12 @@ def test_serve_config_v2(objects, chart):
     assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": SERVICERS}
     (app,) = config["applications"]
     assert (app["name"], app["route_prefix"], app["import_path"]) == ("moecluster", "/", "cluster.serving.app:build")
-    # the args are a valid ServeConfig (build() reads them so), whose model is where the storage is mounted
+    # the args are a valid ServeConfig (build() reads them so), whose model is where the storage is mounted, or
+    # unset for the embedded model, which every pod's install carries
     ServeConfig.model_validate(app["args"])
     head = chart.only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
-    mounts = {m["name"]: m for m in head["containers"][0]["volumeMounts"]}
-    assert app["args"]["model"] == mounts["model"]["mountPath"]
+    mounts = {m["name"]: m for m in head["containers"][0].get("volumeMounts") or []}
+    assert app["args"].get("model") == (mounts["model"]["mountPath"] if "model" in mounts else None)
     # the live fields go to the deployment's user_config, and the whole is a ServeConfig again
     (deployment,) = app["deployments"]
     assert deployment["name"] == "MoEServer"
@@ -151,7 +153,7 @@ def test_a_cli_config_file_is_a_values_serve_section(render, chart, tmp_path):
     config = chart.running_config(chart.serve_config_v2(chart.only(render(values_files=[values]), "RayService")))
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(cli_config))
-    assert config == load_config(str(config_file)).model_copy(update={"model": "/models/checkpoint"})
+    assert config == load_config(str(config_file))  # the embedded model: no model path
 
 
 def test_scaling_one_expert_group_changes_only_that_group(render, chart):

@@ -143,7 +143,7 @@ BAD = {
         ["at '/serve/stream_interval'", "minimum: got 0, want 1"]),
     "unknown storage type": (
         {"sets": ["modelStorage.type=s3"]},
-        ["at '/modelStorage/type'", "value must be one of 'demo', 'pvc', 'hostPath', 'download'"]),
+        ["at '/modelStorage/type'", "value must be one of 'embedded', 'demo', 'pvc', 'hostPath', 'download'"]),
     "ray token Secret name that is not a DNS name": (
         {"sets": ["rayAuth.tokenSecret.name=Ray_Token"]},
         ["at '/rayAuth/tokenSecret/name'", "does not match pattern"]),

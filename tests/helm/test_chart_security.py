@@ -227,7 +227,7 @@ def _under(path: str, dirs: list[str]) -> bool:
         path == posixpath.normpath(d) or path.startswith(posixpath.normpath(d) + "/") for d in dirs)
 
 
-STORAGE = {"demo": [], "download": ["modelStorage.type=download", "modelStorage.download.repoId=org/model"]}
+STORAGE = {"embedded": [], "demo": ["modelStorage.type=demo"], "download": ["modelStorage.type=download", "modelStorage.download.repoId=org/model"]}
 
 
 @pytest.mark.parametrize("storage", STORAGE)

@@ -74,7 +74,7 @@ def test_args_hold_the_version_and_user_config_the_live_fields(render, chart, tm
     assert deployment["num_replicas"] == 3 and "autoscaling_config" not in deployment
     # the split is cluster.config's: what a replica runs is what `serve` says
     running = chart.running_config(chart.serve_config_v2(chart.only(objects, "RayService")))
-    expected = ServeConfig.model_validate({**serve, "model": "/models/checkpoint"})
+    expected = ServeConfig.model_validate(serve)  # the embedded model: no model path
     assert running == expected
     assert version_args(ServeConfig.model_validate(args)) == version_args(expected)
     assert {k: v for k, v in live_fields(running).items() if k in user_config} == live_fields(expected)

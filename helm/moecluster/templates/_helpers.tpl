@@ -75,7 +75,7 @@ them rolls out a new version: live values must stay out of them (a change of tho
 {{- $_ := set $args $key $value }}
 {{- end }}
 {{- end }}
-{{- if not $args.model }}
+{{- if and (not $args.model) (ne .Values.modelStorage.type "embedded") }}
 {{- $_ := set $args "model" .Values.modelStorage.mountPath }}
 {{- end }}
 {{- $limits := dict }}
@@ -385,16 +385,20 @@ spec:
       resources:
         {{- toYaml $resources | nindent 8 }}
       volumeMounts:
+        {{- if ne $storage.type "embedded" }}
         - name: model
           mountPath: {{ $storage.mountPath }}
           readOnly: true
           {{- if and (eq $storage.type "pvc") $storage.pvc.subPath }}
           subPath: {{ $storage.pvc.subPath }}
           {{- end }}
+        {{- end }}
         {{- include "moecluster.scratchMounts" $root | nindent 8 }}
   volumes:
+    {{- if ne $storage.type "embedded" }}
     - name: model
       {{- include "moecluster.modelVolume" $root | trim | nindent 6 }}
+    {{- end }}
     {{- include "moecluster.scratchVolumes" $root | nindent 4 }}
   {{- with $group.nodeSelector }}
   nodeSelector:
