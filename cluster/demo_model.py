@@ -35,8 +35,9 @@ Hello, world! How are you today? I am a small language model with random weights
 """
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on an embedded corpus: deterministic, and it encodes any text."""
+def build_tokenizer(vocab_size: int = 512, texts: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (unset: an embedded corpus): deterministic, it encodes any text,
+    with the special tokens and chat template of every moecluster-made model."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -44,7 +45,7 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    tokenizer.train_from_iterator(texts if texts is not None else CORPUS.splitlines() * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     return fast

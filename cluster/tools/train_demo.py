@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
-from cluster.demo_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+from cluster.demo_model import build_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 HELDOUT_DIR = DEMO_DIR / "heldout"
@@ -70,17 +69,7 @@ def heldout_texts() -> dict[str, str]:
 
 def build_code_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Byte-level BPE learned on the corpus, with the random default's special tokens and chat template."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return build_tokenizer(vocab_size, texts)
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
