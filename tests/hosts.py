@@ -59,6 +59,7 @@ class Hosts:
         self.restarts: Counter[str] = Counter()
         self.started_at: dict[str, float] = {}  # host -> when its Ray node last came up
         self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def __enter__(self):
         try:
@@ -79,6 +80,8 @@ class Hosts:
 
     def __exit__(self, *exc):
         self._closing.set()
+        if self._supervisor is not None:  # a node it is starting now must be on the list before it is emptied
+            self._supervisor.join()
         for process in reversed(self.processes):
             _stop(process)
         for name in self.names:
@@ -102,7 +105,7 @@ class Hosts:
     def start_node(self, name: str, command: list[str], env: dict, log: Path) -> None:
         since = log.stat().st_size if log.exists() else 0
         self.nodes[name] = (command, env, log, self.start(command, env, log, netns=name))
-        _wait_started(log, since)
+        _wait_started(log, since, self._closing)
         self.started_at[name] = time.monotonic()
 
     def supervise(self) -> None:
@@ -113,9 +116,11 @@ class Hosts:
                 for name, (command, env, log, process) in list(self.nodes.items()):
                     if process.poll() is not None and not self._closing.is_set():
                         self.restarts[name] += 1
-                        self.start_node(name, command, env, log)
+                        with contextlib.suppress(RuntimeError):  # it exits again, and is started again
+                            self.start_node(name, command, env, log)
 
-        threading.Thread(target=watch, name="hosts-supervisor", daemon=True).start()
+        self._supervisor = threading.Thread(target=watch, name="hosts-supervisor", daemon=True)
+        self._supervisor.start()
 
     def cut(self, name: str) -> None:
         """Cut `name` off: its link goes down, and packets stop both ways with no reset."""
@@ -173,11 +178,13 @@ def ray_cluster(hosts: Hosts, temp_dir: str, node_cpus: int = 2) -> dict:
     return env
 
 
-def _wait_started(log: Path, since: int = 0, timeout_s: float = 120.0) -> None:
-    """Until `ray start --block` logged (after byte `since`) that its node runs; its log's tail if it failed or
-    timed out."""
+def _wait_started(log: Path, since: int, stop: threading.Event, timeout_s: float = 120.0) -> None:
+    """Until `ray start --block` logged (after byte `since`) that its node runs, or `stop` is set; its log's tail if
+    it failed or timed out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stop.is_set():
+            return
         text = log.read_bytes()[since:].decode(errors="replace")
         if "block forever" in text:
             return
