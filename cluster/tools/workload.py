@@ -94,7 +94,10 @@ def parse_lengths(text: str) -> Lengths:
 
 def parse_counts(text: str) -> list[int]:
     """`1,2,4`: distinct positive counts, in the given order."""
-    counts = [int(part) for part in text.split(",")]
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"counts {text!r} must be whole numbers separated by commas, e.g. 1,2,4") from None
     if min(counts) < 1 or len(set(counts)) < len(counts):
         raise ValueError(f"counts {text!r} must be distinct and at least 1")
     return counts

@@ -137,3 +137,9 @@ def test_bad_schedule_values_are_refused_naming_the_field(tmp_path, line, messag
     path.write_text(line + "\n")
     with pytest.raises(Exception, match=f"(?s){message}"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("value", ["0", "1,1", "two"])
+def test_bench_refuses_engine_lanes_that_are_not_distinct_positive_counts(capsys, value):
+    assert main(["bench", "--engine-lanes", value]) == 2
+    assert f"error: counts {value!r} must be" in capsys.readouterr().err
