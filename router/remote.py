@@ -132,7 +132,18 @@ class ExpertRouter:
         return out, waited, compute_s, paused
 
     def _timeout_s(self, layer: int, table: RoutingTable) -> float | None:
-        return self.deadlines.timeout_s(layer, layer in table.replicated) if self.deadlines is not None else None
+        if self.deadlines is None:
+            return None
+        return self.deadlines.timeout_s(layer, self._replicated_live(layer, table))
+
+    def _replicated_live(self, layer: int, table: RoutingTable) -> bool:
+        """Whether every expert of `layer` has another replica that is not ejected: a worker left as an expert's
+        last live replica is given the whole deadline, never ejected for being slow (on a loaded machine it
+        would be, and that expert would fail until a probe readmits it)."""
+        ejected = self.health.ejected()
+        if not ejected or layer not in table.replicated:
+            return layer in table.replicated
+        return all(sum(w not in ejected for w in hosts) > 1 for hosts in table.replicas[layer])
 
     def _observe(self, layer: int, seconds: float) -> None:
         if self.hedging is not None:

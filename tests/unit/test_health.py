@@ -71,6 +71,7 @@ class FakeWorkers(RepliesAtOnce):
         self.failing: set[int] = set()
         self.status = status
         self.sent: list[tuple[int, int]] = []  # (worker, rows) of every call
+        self.timeouts: list[float | None] = []  # of every layer call
         self.probes: list[int] = []
 
     def outstanding(self):
@@ -81,6 +82,7 @@ class FakeWorkers(RepliesAtOnce):
 
     def forward(self, layer, dispatch, rows, addresses, hedge=None, timeout_s=None):
         replies, start = LayerReplies(torch.empty_like(rows)), 0
+        self.timeouts.append(timeout_s)
         for worker, experts, counts in dispatch.per_worker():
             end = start + sum(counts)
             self.sent.append((worker, end - start))
@@ -205,3 +207,20 @@ def test_hedging_waits_for_the_layers_usual_time_and_is_rationed():
     policy.observe(0, 0.01)
     policy.observe(0, 0.01)  # two calls earn one hedge at budget 0.5
     assert policy.take() and not policy.take()
+
+
+def test_a_worker_left_as_an_experts_last_live_replica_gets_the_whole_deadline():
+    from router.deadline import CallDeadlines
+
+    workers = FakeWorkers()
+    router = router_over(workers, [[0, 1], [1, 2], [0, 2], [0, 1]])
+    router.deadlines = CallDeadlines(cap_s=30.0, factor=8.0, floor_s=1.0, warmup=1)
+    try:
+        router.forward(0, *layer_inputs())
+        router.forward(0, *layer_inputs())
+        assert workers.timeouts[-1] == 1.0  # every expert has another replica: a silent worker is noticed soon
+        router.health.eject(2, "cut off")  # experts 1 and 2 are left with one live replica each
+        router.forward(0, *layer_inputs())
+        assert workers.timeouts[-1] == 30.0
+    finally:
+        router.close()
