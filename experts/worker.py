@@ -26,7 +26,7 @@ OWNER_CHECK_S = 2.0
 @dataclass(frozen=True)
 class Owner:
     """The named actor whose workers these are. Once it has been gone for `grace_s` (longer than it takes to be
-    started again), `release` frees what its workers hold, workers included."""
+    started again) while no router called this worker, `release` frees what its workers hold, workers included."""
 
     name: str
     namespace: str
@@ -47,7 +47,8 @@ class ExpertWorker:
         self.server = ExpertServer(self.bank, key, host=ray.util.get_node_ip_address(), limits=limits)
         self.servicer, self._address = self.server.servicer, self.server.address
         if owner is not None:
-            threading.Thread(target=_outlive_no_owner, args=(owner,), name="owner-watch", daemon=True).start()
+            threading.Thread(target=_outlive_no_owner, args=(owner, lambda: self.servicer.counters()[1]),
+                             name="owner-watch", daemon=True).start()
 
     def load(self, pairs: list[tuple[int, int]]) -> None:
         self.bank.add(pairs)
@@ -82,11 +83,17 @@ class ExpertWorker:
         self.server.stop(grace=1.0)
 
 
-def _outlive_no_owner(owner: Owner) -> None:
-    """Free the workers of an owner that is gone for good: its serving replicas died without releasing them."""
-    gone_since = None
+def _outlive_no_owner(owner: Owner, served: Callable[[], float]) -> None:
+    """Free the workers of an owner that is gone for good: its serving replicas died without releasing them.
+    `served`: the compute seconds this worker has served so far. Routers that still call it are serving replicas
+    of its version, alive: its owner is only away (its host cut off, or Serve starting it again)."""
+    gone_since, seen = None, served()
     while True:
         time.sleep(OWNER_CHECK_S)
+        before, seen = seen, served()
+        if seen != before:
+            gone_since = None
+            continue
         try:
             ray.get_actor(owner.name, namespace=owner.namespace)
             gone_since = None

@@ -290,7 +290,8 @@ class ExpertController:
                 log.exception("controller watch step failed")
 
     def _heal(self) -> None:
-        dead = self.slots.dead()
+        died, silent = self.slots.check()
+        dead = died + self._silent_to_routers(silent)
         if dead:
             with self._lock:
                 log.warning("expert workers %s are gone; routing around them and replacing them", dead)
@@ -300,6 +301,13 @@ class ExpertController:
         if vacant and time.monotonic() >= self._replace_at:
             with self._lock:
                 self._replace(vacant)
+
+    def _silent_to_routers(self, silent: list[int]) -> list[int]:
+        confirmed = silent_to_routers(silent, [r["ejected"] for r in self._routers_now()])
+        if len(confirmed) < len(silent):
+            log.warning("expert workers %s miss this controller's pings but not the routers' calls: kept",
+                        sorted(set(silent) - set(confirmed)))
+        return confirmed
 
     def _replace(self, slots: list[int]) -> None:
         failed = self.slots.replace(slots, self.plan)
@@ -349,6 +357,12 @@ class ExpertController:
             "routers": routers,
             "ejected_workers": sorted({w for r in routers for w in r["ejected"]}),
         }
+
+
+def silent_to_routers(silent: list[int], ejected_by_router: list[list[int]]) -> list[int]:
+    """Of the workers silent to the controller, those that every live router keeps ejected too. A controller cut off
+    from the network finds every worker silent and hears from no router: it must not take down workers that serve."""
+    return [w for w in silent if ejected_by_router and all(w in ejected for ejected in ejected_by_router)]
 
 
 def _pairs(spec: dict[str, int]) -> dict[tuple[int, int], int]:

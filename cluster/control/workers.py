@@ -26,8 +26,8 @@ from protos.wire.unix_stream import FrameLimits
 log = logging.getLogger(__name__)
 NAMESPACE = "moecluster"
 HEALTH_TIMEOUT_S = 10.0  # a worker that does not answer Ray's ping within this has missed one
-MISSED_PINGS = 3  # in a row: a worker that missed this many is taken for gone, and replaced (one that is only slow,
-# on a busy machine or while a new version loads beside it, is not: the routers' health model steers around it)
+MISSED_PINGS = 3  # in a row: a worker that missed this many is silent (one that is only slow, on a busy machine or
+# while a new version loads beside it, is not: the routers' health model steers around it)
 
 
 class PlacementError(RuntimeError):
@@ -141,21 +141,27 @@ class WorkerSlots:
         addresses = dict(self.addresses)
         return {slot: addresses[slot] for slot, _ in self._live() if slot in addresses}
 
-    def dead(self) -> list[int]:
-        """Slots whose worker died, or missed MISSED_PINGS pings in a row."""
+    def check(self) -> tuple[list[int], list[int]]:
+        """(slots whose worker died, slots whose worker missed MISSED_PINGS pings in a row). A worker died when Ray
+        has released its name, not merely when a call to it failed: a caller on a node Ray has taken for dead
+        sees every call fail."""
         refs = {slot: actor.health.remote() for slot, actor in self._live()}
-        dead = []
+        died, silent = [], []
         for slot, ref in refs.items():
             try:
                 ray.get(ref, timeout=HEALTH_TIMEOUT_S)
                 self.missed.pop(slot, None)
+                continue
             except RayActorError:
-                dead.append(slot)
+                if not _named(worker_name(self.scope, slot)):
+                    died.append(slot)
+                    continue
             except GetTimeoutError:
-                self.missed[slot] = self.missed.get(slot, 0) + 1
-                if self.missed[slot] >= MISSED_PINGS:
-                    dead.append(slot)
-        return dead
+                pass
+            self.missed[slot] = self.missed.get(slot, 0) + 1
+            if self.missed[slot] >= MISSED_PINGS:
+                silent.append(slot)
+        return died, silent
 
     def forget(self, slots) -> None:
         for slot in slots:
@@ -194,6 +200,15 @@ def _kill_named(name: str, timeout_s: float = 30.0) -> None:
         except ValueError:
             return
         time.sleep(0.1)
+
+
+def _named(name: str) -> bool:
+    """Whether an actor called `name` is alive, or being started, to Ray's control store."""
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def _existing_group(name: str):
