@@ -25,6 +25,7 @@ from tests.hosts import HEAD_IP, SERVING, Hosts, host_cluster
 PROMPTS = [f"host {i}: experts keep serving" for i in range(8)]
 MAX_TOKENS = 16
 GRPC_PORT = 9300
+NODE_VERDICT_S = 10.0  # Ray's health-check timeout: a node back on the network is not taken for dead after this
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Fault:
     start: Callable[[Hosts, Victim], None]
     end: Callable[[Hosts, Victim], None] = lambda hosts, victim: None
     replicas: int = 2  # of every expert
-    on_controller_host: bool = False  # the victim is the host the expert controller runs on
+    on_controller_host: bool = False  # the victim is the host the expert controller runs on (else one without it)
     during: Callable[[str], dict] | None = None  # an operation on the application while the fault holds
 
 
@@ -141,18 +142,31 @@ def deploy(app: str, replicas: int):
     return traffic
 
 
-def victim(hosts: Hosts, status: dict, on_controller_host: bool) -> Victim | None:
-    """The host of worker 0, or the controller's host (None when that is the head's: not a worker's host)."""
-    if on_controller_host:
-        address = next(n["address"] for n in status["nodes"] if n["node_id"] == status["controller_node_id"])
-        host = next((h for h, a in hosts.addresses.items() if a == address), None)
-        if host is None:
-            return None
-        worker = next(w for w in status["workers"] if w.get("address", "").startswith(address + ":"))
-    else:
-        worker = status["workers"][0]
-        host = next(h for h, a in hosts.addresses.items() if worker["address"].startswith(a + ":"))
+def victim(hosts: Hosts, status: dict, on_controller_host: bool) -> Victim | str:
+    """A worker's host: the expert controller's, or one without it (so that each row is one fault); else why none."""
+    node_address = {n["node_id"]: n["address"] for n in status["nodes"]}
+    controller = node_address.get(status["controller_node_id"])
+    on_hosts = [(h, w) for w in status["workers"] for h, a in hosts.addresses.items()
+                if w.get("address", "").startswith(a + ":")]
+    chosen = [(h, w) for h, w in on_hosts if (hosts.addresses[h] == controller) == on_controller_host]
+    if not chosen:
+        return f"no worker's host {'runs' if on_controller_host else 'is free of'} the controller (on {controller})"
+    host, worker = chosen[0]
     return Victim(host, worker["worker"], int(worker["address"].rsplit(":", 1)[1]))
+
+
+def status_now(app: str, timeout_s: float = 120.0) -> dict:
+    """The application's status, waiting out a controller that Serve is starting again."""
+    from cluster.control import ops
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ops.status(app)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def full_capacity(app: str) -> bool:
@@ -166,13 +180,11 @@ def full_capacity(app: str) -> bool:
 
 
 def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
-    from cluster.control import ops
-
-    target = victim(hosts, ops.status(traffic.app), fault.on_controller_host)
-    if target is None:
-        return {"what": fault.what, "skipped": "the controller runs on the head's host, with the serving replica"}
+    target = victim(hosts, status_now(traffic.app), fault.on_controller_host)
+    if isinstance(target, str):
+        return {"what": fault.what, "skipped": target}
     row = {"what": fault.what, "victim": target.host, "hold_s": fault.hold_s}
-    restarts = hosts.restarts[target.host]
+    restarts, node = hosts.restarts[target.host], _ray_node(hosts.addresses[target.host])
     with traffic.running() as outcomes:
         time.sleep(2.0)
         started = time.monotonic()
@@ -181,7 +193,7 @@ def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
         time.sleep(fault.hold_s)
         fault.end(hosts, target)
         ended = time.monotonic()
-        row["back_s"] = round(_wait(lambda: full_capacity(traffic.app), 240), 2)
+        row["back_s"] = round(_back_s(traffic.app, node, lambda: hosts.restarts[target.host] > restarts), 2)
         back_at = time.monotonic()
         if side is not None:
             side.join(300)
@@ -201,6 +213,37 @@ def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
     if row["node_restarts"]:  # Ray ended the host's node: from the new node's start to full capacity
         row["back_after_node_s"] = round(back_at - hosts.started_at[target.host], 2)
     return row
+
+
+def _back_s(app: str, node: str | None, restarted: Callable[[], bool], timeout_s: float = 240.0) -> float:
+    """Seconds from the fault's end to full capacity. Ray may take the victim's node for dead up to NODE_VERDICT_S
+    after the end (a health check in flight), and end it: then full capacity counts only once its supervisor has
+    started the host's node again, since until then the old processes answer as if nothing happened."""
+    started, back_at = time.monotonic(), None
+    while (elapsed := time.monotonic() - started) < timeout_s:
+        if _taken_for_dead(node):
+            _wait(restarted, timeout_s)
+            return time.monotonic() - started + _wait(lambda: full_capacity(app), timeout_s)
+        if back_at is None and full_capacity(app):
+            back_at = elapsed
+        if back_at is not None and elapsed >= NODE_VERDICT_S:
+            return back_at
+        time.sleep(0.2)
+    return float("inf")
+
+
+def _ray_node(address: str) -> str | None:
+    """The id of the live Ray node at `address`."""
+    import ray
+
+    return next((n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == address), None)
+
+
+def _taken_for_dead(node_id: str | None) -> bool:
+    """Whether Ray has marked the node dead (a node cut off for long enough; it ends the node once it is back)."""
+    import ray
+
+    return any(n["NodeID"] == node_id and not n["Alive"] for n in ray.nodes())
 
 
 def _in_thread(operation, app):
@@ -225,23 +268,24 @@ def run_matrix(rows: list[str], hosts: Hosts, env: dict) -> dict:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from cluster.control import ops
     from cluster.serving.grpc_api import SERVICERS
 
     ray.init(address=f"{HEAD_IP}:6390", log_to_driver=False, namespace="moecluster")
     serve.start(proxy_location="HeadOnly", http_options={"host": HEAD_IP, "port": 8300},
                 grpc_options=gRPCOptions(port=GRPC_PORT, grpc_servicer_functions=SERVICERS))
     report, traffic = {}, None
-    for name in rows:
-        fault = FAULTS[name]
-        if traffic is None or _replicas(traffic) != fault.replicas:
-            if traffic is not None:
-                serve.delete(traffic.app)
-            traffic = deploy(f"r{fault.replicas}", fault.replicas)
-        report[name] = {**run_row(hosts, traffic, fault), "health": ops.status(traffic.app)["health"]}
-        print(json.dumps({name: report[name]}), flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        for name in rows:
+            fault = FAULTS[name]
+            if traffic is None or _replicas(traffic) != fault.replicas:
+                if traffic is not None:
+                    serve.delete(traffic.app)
+                traffic = deploy(f"r{fault.replicas}", fault.replicas)
+            report[name] = {**run_row(hosts, traffic, fault), "health": status_now(traffic.app)["health"]}
+            print(json.dumps({name: report[name]}), flush=True)
+        serve.shutdown()
+    finally:  # before the hosts go: a driver still connected then aborts in Ray's excepthook, hiding the error
+        ray.shutdown()
     return report
 
 
