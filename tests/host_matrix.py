@@ -25,7 +25,7 @@ from tests.hosts import HEAD_IP, SERVING, Hosts, host_cluster
 PROMPTS = [f"host {i}: experts keep serving" for i in range(8)]
 MAX_TOKENS = 16
 GRPC_PORT = 9300
-NODE_VERDICT_S = 10.0  # Ray's health-check timeout: a node back on the network is not taken for dead after this
+NODE_VERDICT_S = 10.0  # Ray's health-check timeout: the least time in which Ray may still take a node for dead
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ def full_capacity(app: str) -> bool:
 
 
 def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
+    _wait(lambda: full_capacity(traffic.app), 240)  # the last row's recovery done
     target = victim(hosts, status_now(traffic.app), fault.on_controller_host)
     if isinstance(target, str):
         return {"what": fault.what, "skipped": target}
@@ -193,7 +194,8 @@ def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
         time.sleep(fault.hold_s)
         fault.end(hosts, target)
         ended = time.monotonic()
-        row["back_s"] = round(_back_s(traffic.app, node, lambda: hosts.restarts[target.host] > restarts), 2)
+        verdict_s = max(NODE_VERDICT_S, fault.hold_s)
+        row["back_s"] = round(_back_s(traffic.app, node, lambda: hosts.restarts[target.host] > restarts, verdict_s), 2)
         back_at = time.monotonic()
         if side is not None:
             side.join(300)
@@ -215,18 +217,20 @@ def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
     return row
 
 
-def _back_s(app: str, node: str | None, restarted: Callable[[], bool], timeout_s: float = 240.0) -> float:
-    """Seconds from the fault's end to full capacity. Ray may take the victim's node for dead up to NODE_VERDICT_S
-    after the end (a health check in flight), and end it: then full capacity counts only once its supervisor has
-    started the host's node again, since until then the old processes answer as if nothing happened."""
+def _back_s(app: str, node: str | None, restarted: Callable[[], bool], verdict_s: float,
+            timeout_s: float = 240.0) -> float:
+    """Seconds from the fault's end to full capacity. Ray may take the victim's node for dead up to `verdict_s`
+    after the end (its health checks' connection to a host silent for long recovers slowly), and end it: then full
+    capacity counts only once the host's supervisor has started its node again, since until then the old processes
+    answer as if nothing happened."""
     started, back_at = time.monotonic(), None
     while (elapsed := time.monotonic() - started) < timeout_s:
         if _taken_for_dead(node):
             _wait(restarted, timeout_s)
             return time.monotonic() - started + _wait(lambda: full_capacity(app), timeout_s)
         if back_at is None and full_capacity(app):
-            back_at = elapsed
-        if back_at is not None and elapsed >= NODE_VERDICT_S:
+            back_at = time.monotonic() - started  # the status call itself may take seconds
+        if back_at is not None and elapsed >= verdict_s:
             return back_at
         time.sleep(0.2)
     return float("inf")
