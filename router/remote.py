@@ -23,6 +23,7 @@ from router.pingpong import pause
 from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
 from router.table import RoutingTable
+from router.timeline import StepTimeline
 from router.timings import LayerTimings
 
 
@@ -51,6 +52,7 @@ class ExpertRouter:
         self.expert_tokens: dict[int, torch.Tensor] = {}  # layer -> [E] pairs routed since the last `drain`
         self.worker_rows: dict[int, int] = {}
         self.timings = LayerTimings()
+        self.timeline = StepTimeline()  # records only while armed (cluster/tools/step_timeline.py)
         threading.Thread(target=self._probe_loop, name="expert-probe", daemon=True).start()
 
     def update(self, table: RoutingTable) -> None:
@@ -84,8 +86,10 @@ class ExpertRouter:
         pair_out, waited, compute_s, paused = self._expert_outputs(layer, hidden, top_k_index)
         received = time.perf_counter()
         combined = combine(pair_out, top_k_weights).to(hidden.dtype)
+        ended = time.perf_counter()
         self.timings.add(dispatch=received - started - waited - paused, wait=max(0.0, waited - compute_s),
-                         expert_compute=min(compute_s, waited), overlapped=paused, combine=time.perf_counter() - received)
+                         expert_compute=min(compute_s, waited), overlapped=paused, combine=ended - received)
+        self.timeline.record("combine", layer, received, ended)
         return combined
 
     def _expert_outputs(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
@@ -97,6 +101,7 @@ class ExpertRouter:
         pending = torch.arange(flat.numel())  # [P] pairs still without an output
         waited = compute_s = paused = 0.0
         while pending.numel():
+            planned_at = time.perf_counter()
             table = self.table
             dispatch = self._plan(layer, table, flat[pending])
             sent_pairs = pending[dispatch.order]  # [P] in dispatch order
@@ -105,9 +110,11 @@ class ExpertRouter:
             call = self.client.send(layer, dispatch, rows, table.addresses, self._hedge(layer, table),
                                     self._timeout_s(layer, table))
             before_pause = time.perf_counter()
+            self.timeline.record("dispatch", layer, planned_at, before_pause)
             pause()  # the step's other micro-batches compute while the workers do
             resumed = time.perf_counter()
             replies = self.client.collect(call)
+            self.timeline.record("wait", layer, resumed, time.perf_counter())
             paused += resumed - before_pause
             waited += time.perf_counter() - sent - (resumed - before_pause)
             if not replies.failed:

@@ -172,9 +172,10 @@ def _engine_runs(model_dir: str, plays: list[tuple], threads: int, dtype: str, m
 
 
 def run_distributed(model_dir: str, workload: Workload, requests: list[Request], config: dict, micro: dict | None,
-                    scoring: list[list[int]] | None = None):
-    """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks
-    and the `scoring` prompts scored over HTTP (cluster/tools/scoring.py)."""
+                    scoring: list[list[int]] | None = None, timeline: dict | None = None):
+    """The Serve application on a local Ray cluster, loaded over gRPC; then, on its workers, the micro-benchmarks,
+    the `scoring` prompts scored over HTTP (cluster/tools/scoring.py) and one decode step's `timeline`
+    (cluster/tools/step_timeline.py)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -207,6 +208,10 @@ def run_distributed(model_dir: str, workload: Workload, requests: list[Request],
             from cluster.tools.scoring import run_scoring
 
             result["scoring"] = run_scoring(f"http://127.0.0.1:{http_port}/bench", None, scoring)
+        if timeline is not None:
+            from cluster.tools.step_timeline import run_timeline
+
+            result["timeline"] = run_timeline(model_dir, "bench", config["dtype"], **timeline)
         return result
     finally:
         serve.shutdown()
@@ -352,14 +357,16 @@ def bench(model_dir: str, workload: Workload, workers: list[int], dtype: str = "
               "workers": workers, "max_batch_size": max_batch_size, **serving}
     micro = {"iters": micro_iters}
     scoring = make_scoring(vocab_size, scoring_prompts, scoring_tokens, workload.seed)
-    report["moecluster"] = {str(n): run_distributed(model_dir, workload, requests, {"num_workers": n, **serving},
-                                                    *((micro, scoring) if n == max(workers) else (None, None)))
-                            for n in workers}
+    timeline = {"lanes": tuple(sorted({1, 2, *engine_lanes})), "streams": workload.streams, "threads": threads}
+    report["moecluster"] = {str(n): run_distributed(
+        model_dir, workload, requests, {"num_workers": n, **serving},
+        *((micro, scoring, timeline) if n == max(workers) else (None, None, None))) for n in workers}
     report["overlap"] = {str(lanes): {str(n): _served_only(run_distributed(
         model_dir, workload, requests, {"num_workers": n, **serving, "engine_lanes": lanes}, None))
         for n in workers} for lanes in engine_lanes[1:]}
     largest = report["moecluster"][str(max(workers))]
     report["micro"], report["scoring"] = largest.pop("micro"), largest.pop("scoring")
+    report["timeline"] = {"workers": max(workers), **largest.pop("timeline")}
     if baselines:
         played = (workload, requests)
         equal_played = played if equal is None or workload.kind == "equal" else (equal, equal.requests(vocab_size))
@@ -448,6 +455,19 @@ def print_summary(report: dict) -> None:
           f"per prompt {scoring['one_by_one_tok_s']:.0f} tok/s ({scoring['batched_speedup']:.2f}x)")
     for key, value in report["micro"].items():
         print(f"{key}: {json.dumps(value)}")
+    _print_timeline(report["timeline"])
+
+
+def _print_timeline(timeline: dict) -> None:
+    steps = {lanes: step for lanes, step in timeline.items() if lanes != "workers"}
+    legend = next(iter(steps.values()))["legend"]
+    print(f"one decode step at {timeline['workers']} workers, per micro-batch ("
+          + ", ".join(f"{mark} {phase}" for mark, phase in legend.items()) + "):")
+    for lanes, step in steps.items():
+        print(f"  {lanes} micro-batches, {step['step_ms']:.1f} ms")
+        for i, row in enumerate(step["chart"]):
+            totals = "  ".join(f"{phase} {ms:.1f}" for phase, ms in step["per_micro_batch_ms"][i].items())
+            print(f"    |{row}|  {totals}")
 
 
 def _print_peers(report: dict) -> None:

@@ -24,6 +24,17 @@ def test_bench_smoke_emits_a_complete_report(tmp_path):
     _check_peers(report)
     _check_ratios(report)
     _check_scoring_and_schedule(report)
+    _check_timeline(report["timeline"])
+
+
+def _check_timeline(timeline):
+    assert timeline["workers"] == 2 and {"1", "2"} <= set(timeline)
+    for lanes in ("1", "2"):
+        step = timeline[lanes]
+        assert len(step["chart"]) == int(lanes) and step["step_ms"] > 0
+        for phases in step["per_micro_batch_ms"].values():
+            assert phases["wait"] >= 0 and phases["dispatch"] > 0 and phases["dense"] > 0
+    assert any(phases["paused"] > 0 for phases in timeline["2"]["per_micro_batch_ms"].values())
 
 
 def _check_scoring_and_schedule(report):
