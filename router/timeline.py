@@ -1,5 +1,5 @@
 """One engine step as a timeline: when each micro-batch ran (router/pingpong.py switches between them) and what its
-MoE layer calls did. The router records into it; `moecluster bench --timeline` arms it for one step.
+MoE layer calls did. The router records into it; `moecluster bench` records one step (cluster/tools/step_timeline.py).
 
 A micro-batch's time goes to: dense (attention, norms, gates: all but its expert calls), dispatch (planning and
 sending a layer's calls), wait (blocked on the workers' replies), combine; or it is paused while another micro-batch
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import greenlet
 
-PHASES = ("dense", "dispatch", "wait", "combine", "paused")
+CALL_PHASES = ("dispatch", "wait", "combine")  # the spans the router records
+PHASES = ("dense", *CALL_PHASES, "paused")
 MARKS = {"dense": "a", "dispatch": "s", "wait": "w", "combine": "c", "paused": "."}
 
 
@@ -30,7 +31,7 @@ class StepRecord:
         out = []
         for runs, spans in zip(self.runs, self.spans):
             ran = sum(end - start for start, end in runs)
-            phase_ms = {phase: sum(e - s for p, _, s, e in spans if p == phase) for phase in PHASES[1:4]}
+            phase_ms = {phase: sum(e - s for p, _, s, e in spans if p == phase) for phase in CALL_PHASES}
             life = runs[-1][1] - runs[0][0] if runs else 0.0
             out.append({"dense": ran - sum(phase_ms.values()), **phase_ms, "paused": life - ran})
         return {i: {k: round(v, 3) for k, v in t.items()} for i, t in enumerate(out)}
