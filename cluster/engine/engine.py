@@ -14,6 +14,7 @@ import torch
 
 from cluster.engine.detokenize import IncrementalText
 from cluster.engine.lane import Lane
+from cluster.engine.packed import use_packed_attention
 from cluster.engine.prefix_cache import PrefixCache
 from cluster.engine.sampling import Sampler
 from cluster.engine.sequence import Event, SamplingParams, Sequence
@@ -37,6 +38,7 @@ class Engine:
         """`prefill_chunk_tokens`: most prompt tokens a step prefills while sequences decode (None: whole
         prompts); `kv_cache_tokens`: most KV-cache positions of all lanes (None: no bound);
         `prefix_cache_tokens`: positions of prompt prefixes kept for reuse (0: none)."""
+        use_packed_attention(model)
         self.model, self.tokenizer = model, tokenizer
         self.step_tokens = step_tokens or _no_context  # (input ids) -> a context each forward runs in
         self.context_len, self.max_batch_size = context_len, max_batch_size

@@ -69,24 +69,20 @@ def left_padded(prompts: list[list[int]], pad_id: int, device=None) -> tuple[tor
     return ids, mask
 
 
-def pad_left(cache: DynamicCache, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Grow every row to `width` positions on the left; returns the grown [B, width] mask."""
-    pad = width - mask.shape[1]
-    if pad <= 0:
-        return mask
-    for layer in _layers(cache):
-        layer.keys = F.pad(layer.keys, (0, 0, pad, 0))  # [B, H, S, Dh]
-        layer.values = F.pad(layer.values, (0, 0, pad, 0))
+def join(caches: list[DynamicCache], masks: list[torch.Tensor]) -> tuple[DynamicCache, torch.Tensor]:
+    """Every row of `caches` in the first of them, right-aligned to the widest; and their joined [B, S] mask."""
+    width = max(mask.shape[1] for mask in masks)
+    into = caches[0]
+    for index, layer in enumerate(into.layers):
+        layer.keys = torch.cat([_padded(cache.layers[index].keys, width) for cache in caches])  # [B, H, S, Dh]
+        layer.values = torch.cat([_padded(cache.layers[index].values, width) for cache in caches])
         _sync(layer)
-    return F.pad(mask, (pad, 0))
+    return into, torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in masks])
 
 
-def concat(into: DynamicCache, other: DynamicCache) -> None:
-    """Append `other`'s rows to `into`; both must already have the same width."""
-    for mine, theirs in zip(into.layers, other.layers):
-        mine.keys = torch.cat([mine.keys, theirs.keys])
-        mine.values = torch.cat([mine.values, theirs.values])
-        _sync(mine)
+def _padded(states: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, S, Dh] grown to `width` positions on the left."""
+    return F.pad(states, (0, 0, width - states.shape[-2], 0))
 
 
 def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:

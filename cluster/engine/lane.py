@@ -1,9 +1,11 @@
-"""One running batch with its own KV cache. A step prefills admitted prompts, then decodes a token for every
-running sequence. While sequences decode, a step prefills at most a budget of prompt tokens: prompts whole and
-together where they fit, else one prompt a chunk at a time in a cache of its own, which joins the batch once the
-prompt is done. So running streams never wait for a whole long prefill.
+"""One running batch with its own KV cache. A step is one forward (cluster/engine/packed.py): a token for every
+running sequence, and beside them prompt pieces, in the order the prompts came. While sequences decode, a step
+prefills at most a budget of prompt tokens: prompts whole where they fit, and the last a chunk of it. Each prompt
+fills a cache of its own, which joins the batch once the prompt is done. So running streams never wait for a whole
+long prefill, and a step costs one pass through the model and its expert workers, however much it carries.
 
-B = running sequences, S = cached positions (left-padded), V = vocabulary, n = a chunk's tokens
+B = running sequences, S = cached positions (left-padded), V = vocabulary, n = a piece's tokens, T = a step's
+tokens
 """
 
 import logging
@@ -12,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from cluster.engine import kv_batch
+from cluster.engine.packed import PREPARED_MASK, Group, PackedStep
 from cluster.engine.sampling import prompt_logprobs, token_logprob
 from cluster.engine.sequence import Event, Sequence, TokenLogprob
 from cluster.errors import ExpertUnavailable, as_serving_error
@@ -34,19 +37,16 @@ class Lane:
         return batch + sum(s.prefill_len for s in self.prefilling)
 
     def step(self) -> bool:
-        """Admit, prefill within the step's budget, decode one token for every running sequence; False if there
-        was nothing to do."""
+        """Admit, then one forward: a token for every running sequence, and prompt pieces within the step's
+        budget; False if there was nothing to do."""
         self.prefilling += self.engine.admit(self)
         self.prefilling = [s for s in self.prefilling if not s.cancelled]
         if not self.prefilling and not self.running:
             return False
         try:
             with torch.inference_mode():
-                if self.prefilling:
-                    self._prefill(self.engine.prefill_chunk_tokens if self.running else None)
-                if self.running:
-                    self._make_room()
-                    self._decode()
+                self._make_room()
+                self._run(self._pieces(self.engine.prefill_chunk_tokens if self.running else None))
         except Exception as error:  # a failed step fails every sequence in it, never a wrong token
             if isinstance(as_serving_error(error), ExpertUnavailable):
                 log.warning("engine step failed: %s", error)
@@ -55,81 +55,68 @@ class Lane:
             self._fail(self.running + self.prefilling, error)
         return True
 
-    # --- prefill ---
-
-    def _prefill(self, budget: int | None) -> None:
-        """Prompts in the order they came, within `budget` tokens (None: all)."""
-        left = float("inf") if budget is None else budget
-        while self.prefilling and left > 0:
-            head = self.prefilling[0]
-            self._reuse_prefix(head)
-            if head.cache is None and head.prefill_len <= left:
-                whole = self._whole_prompts(left)
-                self._prefill_whole(whole)
-                left -= sum(s.prefill_len for s in whole)
-            else:
-                chunk = min(head.prefill_len - head.prefilled, left)
-                self._prefill_chunk(head, int(chunk))
-                left -= chunk
-
-    def _whole_prompts(self, budget: float) -> list[Sequence]:
-        """The waiting prompts from the first that together fit `budget` and have no cached prefix."""
-        taken, used = [], 0
+    def _pieces(self, budget: int | None) -> list[tuple[Sequence, int]]:
+        """(prompt, its next positions to prefill) in the order the prompts came, within `budget` tokens (None:
+        every prompt whole)."""
+        left, pieces = float("inf") if budget is None else budget, []
         for seq in self.prefilling:
-            self._reuse_prefix(seq)
-            if seq.cache is not None or used + seq.prefill_len > budget:
+            if left <= 0:
                 break
-            taken.append(seq)
-            used += seq.prefill_len
-        return taken
+            self._reuse_prefix(seq)
+            n = int(min(seq.prefill_len - seq.prefilled, left))
+            pieces.append((seq, n))
+            left -= n
+        return pieces
 
-    def _prefill_whole(self, seqs: list[Sequence]) -> None:
-        source = self.engine.prefix_cache
-        ids, mask = kv_batch.left_padded([s.prefill_ids for s in seqs], self.engine.pad_id, self.device)  # [n, L]
-        cache = kv_batch.new_cache(self.model.config)
-        scored = [s.scores_prompt for s in seqs]
-        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, every_position=any(scored))
-        width = ids.shape[1]
-        for row, (seq, rows, score) in enumerate(zip(seqs, logits, scored)):  # rows: [L or 1, V]
-            if score:
-                seq.prompt_logprobs = prompt_logprobs(rows[-len(seq.prompt_ids):], seq.prompt_ids,
-                                                      seq.params.prompt_logprobs)
-            start = width - seq.prefill_len
-            self._remember(seq, [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in _kv(cache)],
-                           source)
-        self.prefilling = self.prefilling[len(seqs):]
-        fresh = [i for i, s in enumerate(seqs) if not s.generated]  # a preempted sequence has its next token
-        self._sample([seqs[i] for i in fresh], logits[fresh, -1])
-        staying = [i for i, s in enumerate(seqs) if not (s.done or s.cancelled)]
-        if len(staying) < len(seqs) and staying:
-            mask = kv_batch.select_rows(cache, mask, staying)
-        if staying:
-            self._join([seqs[i] for i in staying], cache, mask)
+    def _run(self, pieces: list[tuple[Sequence, int]]) -> None:
+        """One forward of the running batch's next tokens and `pieces`; then each running sequence's token, and
+        the first token of each prompt done."""
+        ids, positions, groups, kept = [], [], [], []  # kept: the packed tokens whose logits are sampled or scored
+        if self.running:
+            ids = [s.generated[-1] for s in self.running]
+            positions = [s.length - 1 for s in self.running]
+            self._mask = torch.cat([self._mask, self._mask.new_ones(len(ids), 1)], dim=1)  # [B, S + 1]
+            groups.append(Group(self._cache, self._mask, torch.tensor(positions, device=self.device)[:, None], 0))
+            kept += range(len(ids))
+        for seq, n in pieces:
+            if seq.cache is None:
+                seq.cache, seq.prefix_source = kv_batch.new_cache(self.model.config), self.engine.prefix_cache
+            span = range(seq.prefilled, seq.prefilled + n)
+            groups.append(Group(seq.cache, torch.ones(1, span.stop, dtype=torch.long, device=self.device),
+                                torch.tensor([span], device=self.device), len(ids)))
+            ids += seq.prefill_ids[span.start:span.stop]
+            positions += span
+            kept += range(len(ids) - n, len(ids)) if seq.scores_prompt else [len(ids) - 1]
+        logits = self._forward(ids, positions, PackedStep(groups), kept)  # [len(kept), V]
+        decoded, logits = logits[:len(self.running)], logits[len(self.running):]
+        if self.running:
+            self._sample(self.running, decoded)
+            self._drop_finished()
+        done = []
+        for seq, n in pieces:
+            rows, logits = (logits[:n], logits[n:]) if seq.scores_prompt else (logits[:1], logits[1:])
+            if self._prefilled(seq, n, rows):
+                done.append(seq)
+        self._join(done)
 
-    def _prefill_chunk(self, seq: Sequence, n: int) -> None:
-        """The next `n` positions of one prompt, into its own cache."""
-        if seq.cache is None:
-            seq.cache, seq.prefix_source = kv_batch.new_cache(self.model.config), self.engine.prefix_cache
-        start, end = seq.prefilled, seq.prefilled + n
-        ids = torch.tensor([seq.prefill_ids[start:end]], device=self.device)  # [1, n]
-        mask = torch.ones(1, end, dtype=torch.long, device=self.device)
-        logits = self._forward(ids, mask, torch.arange(start, end, device=self.device)[None], seq.cache,
-                               every_position=seq.scores_prompt)
+    def _prefilled(self, seq: Sequence, n: int, rows: torch.Tensor) -> bool:
+        """Account `n` more positions of `seq`'s prompt, with their kept logits `rows`; once the prompt is whole,
+        its prompt logprobs and first token. Whether it joins the batch."""
         if seq.scores_prompt:
-            seq.scored_rows.append(logits[0])
-        seq.prefilled = end
-        if end < seq.prefill_len:
-            return
+            seq.scored_rows.append(rows)
+        seq.prefilled += n
+        if seq.prefilled < seq.prefill_len:
+            return False
         if seq.scores_prompt:
-            rows = torch.cat(seq.scored_rows)  # [L, V]
-            seq.prompt_logprobs = prompt_logprobs(rows, seq.prompt_ids, seq.params.prompt_logprobs)
+            seq.prompt_logprobs = prompt_logprobs(torch.cat(seq.scored_rows), seq.prompt_ids,
+                                                  seq.params.prompt_logprobs)
         self._remember(seq, _kv(seq.cache), seq.prefix_source)
         self.prefilling.remove(seq)
-        cache, seq.cache, seq.scored_rows, seq.prefilled = seq.cache, None, [], 0
-        if not seq.generated:
-            self._sample([seq], logits[:, -1])
-        if not (seq.done or seq.cancelled):
-            self._join([seq], cache, mask)
+        if not seq.generated:  # a preempted sequence has its next token already
+            self._sample([seq], rows[-1:])
+        if seq.done or seq.cancelled:
+            seq.cache = None
+        return seq.cache is not None
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start `seq`'s own cache from the longest cached prefix of its prompt, if any is cached; once."""
@@ -166,33 +153,26 @@ class Lane:
             self.running = self.running[:-1]
             self.engine.preempted(victim)
 
-    def _decode(self) -> None:
-        last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)  # [B, 1]
-        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # [B, S + 1]
-        positions = torch.tensor([[s.length - 1] for s in self.running], device=self.device)  # [B, 1]
-        logits = self._forward(last, self._mask, positions, self._cache)
-        self._sample(self.running, logits[:, -1])
-        self._drop_finished()
-
-    def _forward(self, ids, mask, positions, cache, every_position: bool = False) -> torch.Tensor:
-        """[B, L, V] logits at every position, or [B, 1, V] at the last only."""
+    def _forward(self, ids: list[int], positions: list[int], step: PackedStep, kept: list[int]) -> torch.Tensor:
+        """[len(kept), V] logits of the packed tokens `kept`."""
+        ids = torch.tensor([ids], device=self.device)  # [1, T]
         with self.engine.step_tokens(ids):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=0 if every_position else 1,
-            )
-        return out.logits.float()
+            out = self.model(input_ids=ids, attention_mask=PREPARED_MASK, position_ids=torch.tensor(
+                [positions], device=self.device), cache=step, packed_step=step, use_cache=True,
+                logits_to_keep=torch.tensor(kept, device=self.device))
+        return out.logits[0].float()
 
-    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if not self.running:
-            self.running, self._cache, self._mask = list(seqs), cache, mask
+    def _join(self, seqs: list[Sequence]) -> None:
+        """`seqs`, their prompts whole in their own caches, into the running batch."""
+        if not seqs:
             return
-        width = max(mask.shape[1], self._mask.shape[1])
-        self._mask = kv_batch.pad_left(self._cache, self._mask, width)
-        mask = kv_batch.pad_left(cache, mask, width)
-        kv_batch.concat(self._cache, cache)
-        self._mask = torch.cat([self._mask, mask])
+        caches = ([self._cache] if self.running else []) + [s.cache for s in seqs]
+        masks = ([self._mask] if self.running else []) + [
+            torch.ones(1, s.prefill_len, dtype=torch.long, device=self.device) for s in seqs]
+        self._cache, self._mask = kv_batch.join(caches, masks)
         self.running += seqs
+        for seq in seqs:
+            seq.cache, seq.scored_rows, seq.prefilled = None, [], 0
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """The next token of each of `seqs` from its logits [B, V], sent on."""

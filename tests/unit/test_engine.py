@@ -43,7 +43,9 @@ def test_a_sequence_joining_a_running_batch_step_by_step(checkpoints):
     first, second = (tokenizer.encode(p) for p in PROMPTS[:2])
     got = {0: [], 1: []}
     engine.submit(Sequence(first, SamplingParams(max_tokens=12), lambda e: got[0].extend(e.token_ids)))
-    assert engine.step()  # a step prefills what it admits, then decodes every running sequence
+    assert engine.step()  # a step is one forward: it prefills what it admits, which makes the first token ...
+    assert len(got[0]) == 1
+    assert engine.step()  # ... and the next decodes every running sequence
     assert len(got[0]) == 2
     engine.submit(Sequence(second, SamplingParams(max_tokens=12), lambda e: got[1].extend(e.token_ids)))
     while engine.step():
