@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 from cluster.engine.engine import Engine
 from cluster.engine.prefix_cache import PrefixCache
 from cluster.engine.sequence import SamplingParams, Sequence
+from cluster.demo_model import init_model
 from experts.families import ARCHS
 from router.local import LocalExperts
 from router.model import load_dense_model
@@ -69,6 +70,28 @@ def test_a_long_prompt_in_chunks_beside_a_decoding_stream_is_transformers(checkp
         want = torch.log_softmax(oracle(torch.tensor([LONG])).logits[0], -1)
     scored = long.events[0].prompt_logprobs
     assert [lp.logprob for lp in scored[1:]] == pytest.approx(
+        [float(want[i, t]) for i, t in enumerate(LONG[1:])], abs=1e-4)
+
+
+def oracle_logprobs(oracle, ids: list[int]) -> torch.Tensor:
+    """[L, V]: transformers' log-probabilities of the next token at each position of `ids`."""
+    with torch.no_grad():
+        return torch.log_softmax(oracle(torch.tensor([ids])).logits[0], -1)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_a_sliding_window_holds_in_the_batch_and_across_chunks(tmp_path, arch):
+    path = init_model(tmp_path / arch, arch, seed=0, sliding_window=6)
+    engine, oracle = engine_for(path, prefill_chunk_tokens=8), transformers_model(path)
+    running = Collected(engine, SHORT, SamplingParams(max_tokens=16, ignore_eos=True, logprobs=0))
+    engine.step()
+    long = Collected(engine, LONG, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    run(engine, start=1)
+    want = oracle_logprobs(oracle, SHORT + running.tokens)[len(SHORT) - 1:-1]
+    assert [lp.logprob for e in running.events for lp in e.logprobs] == pytest.approx(
+        [float(row[t]) for row, t in zip(want, running.tokens)], abs=1e-4)
+    want = oracle_logprobs(oracle, LONG)
+    assert [lp.logprob for lp in long.events[0].prompt_logprobs[1:]] == pytest.approx(
         [float(want[i, t]) for i, t in enumerate(LONG[1:])], abs=1e-4)
 
 
