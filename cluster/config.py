@@ -164,9 +164,10 @@ class ServeConfig(_Strict):
         "RESOURCE_EXHAUSTED.",
     )
     prefill_chunk_tokens: int = Field(
-        128, ge=1, description="Most prompt tokens a step prefills while sequences decode (chunked prefill): a long "
+        64, ge=1, description="Most prompt tokens a step prefills while sequences decode (chunked prefill): a long "
         "prompt is prefilled over several steps, so running streams never wait for its whole prefill; with none "
-        "decoding, prompts are prefilled whole.",
+        "decoding, prompts are prefilled whole. Larger: longer gaps in running streams while prompts arrive; "
+        "smaller: slower long prefills.",
     )
     kv_cache_tokens: int | None = Field(
         None, ge=1, description="KV-cache positions of the serving replica's batches, padding included. Requests "

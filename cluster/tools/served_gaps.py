@@ -2,6 +2,7 @@
 and the gaps between their tokens. `python -m cluster.tools.served_gaps URL` prints one JSON line (ms)."""
 
 import json
+import random
 import statistics
 import sys
 import threading
@@ -30,8 +31,9 @@ def served_stream_gaps(url: str, streams: int = 8, long_prompts: int = 4, long_t
         thread.start()
     time.sleep(4)  # the streams settle into decoding
     started = time.perf_counter()
+    start = random.randrange(vocab)  # prompts no earlier run left in the prefix cache
     for n in range(long_prompts):
-        prompt = [(3 + 7 * n + j) % vocab for j in range(long_tokens)]
+        prompt = [(start + 7 * n + j) % vocab for j in range(long_tokens)]
         httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=300)
         time.sleep(every_s)
     ended = time.perf_counter()
