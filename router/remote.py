@@ -22,6 +22,7 @@ from router.hedge import Hedge, HedgePolicy
 from router.pingpong import pause
 from router.replicas import NoReplica, assign_workers
 from router.routing import RoutingPolicy
+from router.shared import DeferredShared
 from router.table import RoutingTable
 from router.timeline import StepTimeline
 from router.timings import LayerTimings
@@ -53,6 +54,7 @@ class ExpertRouter:
         self.worker_rows: dict[int, int] = {}
         self.timings = LayerTimings()
         self.timeline = StepTimeline()  # records only while armed (cluster/tools/step_timeline.py)
+        self.shared: dict[int, DeferredShared] = {}  # layer -> its shared expert, computed in its calls' gap
         threading.Thread(target=self._probe_loop, name="expert-probe", daemon=True).start()
 
     def update(self, table: RoutingTable) -> None:
@@ -83,7 +85,13 @@ class ExpertRouter:
         if self._probe_row is None:
             self._probe_row = hidden.new_zeros(1, hidden.shape[-1])
         started = time.perf_counter()
-        pair_out, waited, compute_s, paused = self._expert_outputs(layer, hidden, top_k_index)
+        shared = self.shared.get(layer)
+        try:
+            pair_out, waited, compute_s, paused = self._expert_outputs(layer, hidden, top_k_index, shared)
+        except BaseException:
+            if shared is not None:
+                shared.forget(hidden)
+            raise
         received = time.perf_counter()
         combined = combine(pair_out, top_k_weights).to(hidden.dtype)
         ended = time.perf_counter()
@@ -92,10 +100,11 @@ class ExpertRouter:
         self.timeline.record("combine", layer, received, ended)
         return combined
 
-    def _expert_outputs(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
+    def _expert_outputs(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                        shared: DeferredShared | None):
         """([S, D] each pair's expert output in pair order, seconds waited on workers, their compute seconds,
-        seconds paused while the step's other micro-batches computed). `top_k_index` is on the host; `hidden` and
-        the outputs on the model's device."""
+        seconds the router computed meanwhile: the layer's `shared` expert, the step's other micro-batches).
+        `top_k_index` is on the host; `hidden` and the outputs on the model's device."""
         flat, top_k, device = top_k_index.reshape(-1), top_k_index.shape[-1], hidden.device  # [S]
         out = hidden.new_empty(flat.numel(), hidden.shape[-1])  # [S, D]
         pending = torch.arange(flat.numel())  # [P] pairs still without an output
@@ -109,14 +118,18 @@ class ExpertRouter:
             sent = time.perf_counter()
             call = self.client.send(layer, dispatch, rows, table.addresses, self._hedge(layer, table),
                                     self._timeout_s(layer, table))
-            before_pause = time.perf_counter()
-            self.timeline.record("dispatch", layer, planned_at, before_pause)
+            dispatched = time.perf_counter()
+            self.timeline.record("dispatch", layer, planned_at, dispatched)
+            if shared is not None:
+                shared.compute(hidden)
+                self.timeline.record("shared", layer, dispatched, time.perf_counter())
+                shared = None  # once, however many rounds the call takes
             pause()  # the step's other micro-batches compute while the workers do
             resumed = time.perf_counter()
             replies = self.client.collect(call)
             self.timeline.record("wait", layer, resumed, time.perf_counter())
-            paused += resumed - before_pause
-            waited += time.perf_counter() - sent - (resumed - before_pause)
+            paused += resumed - dispatched
+            waited += time.perf_counter() - sent - (resumed - dispatched)
             if not replies.failed:
                 self._observe(layer, time.perf_counter() - sent)
             compute_s += replies.compute_s

@@ -2,8 +2,8 @@
 MoE layer calls did. The router records into it; `moecluster bench` records one step (cluster/tools/step_timeline.py).
 
 A micro-batch's time goes to: dense (attention, norms, gates: all but its expert calls), dispatch (planning and
-sending a layer's calls), wait (blocked on the workers' replies), combine; or it is paused while another micro-batch
-runs, its own calls in flight.
+sending a layer's calls), shared (the layer's shared expert, computed while its calls are in flight), wait (blocked
+on the workers' replies), combine; or it is paused while another micro-batch runs, its own calls in flight.
 """
 
 import contextlib
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import greenlet
 
-CALL_PHASES = ("dispatch", "wait", "combine")  # the spans the router records
+CALL_PHASES = ("dispatch", "shared", "wait", "combine")  # the spans the router records
 PHASES = ("dense", *CALL_PHASES, "paused")
-MARKS = {"dense": "a", "dispatch": "s", "wait": "w", "combine": "c", "paused": "."}
+MARKS = {"dense": "a", "dispatch": "s", "shared": "h", "wait": "w", "combine": "c", "paused": "."}
 
 
 @dataclass

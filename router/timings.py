@@ -3,7 +3,8 @@
 import threading
 import time
 
-# overlapped: a micro-batch paused while the step's others computed, its expert calls in flight (router/pingpong.py)
+# overlapped: the router computing while a call's experts were in flight: the layer's shared expert
+# (router/shared.py), or the step's other micro-batches while this one paused (router/pingpong.py)
 PHASES = ("gating", "dispatch", "wait", "expert_compute", "overlapped", "combine")
 
 
