@@ -36,11 +36,12 @@ class DeferredShared(nn.Module):
     def compute(self, hidden: torch.Tensor) -> None:
         """The shared expert of `hidden` [T, D], the routed call's input: into the tensor already handed out for
         it, or kept for the block's call to come."""
-        owed = self._owed.pop(_key(hidden), None)
+        key = _key(hidden)
+        owed = self._owed.pop(key, None)
         if owed is None and self._owed:  # asked first, for other hidden states: that answer would stay empty
             raise RuntimeError("the routed experts' input is not their shared expert's input")
         if owed is None:
-            self._computed[_key(hidden)] = self.inner(hidden)
+            self._computed[key] = self.inner(hidden)
         else:
             owed[1].copy_(self.inner(owed[0]))
 
@@ -48,6 +49,7 @@ class DeferredShared(nn.Module):
         """The routed call of `hidden` failed: nothing of it stays owed or kept."""
         self._owed.pop(_key(hidden), None)
         self._computed.pop(_key(hidden), None)
+
 
 def defer_shared_experts(block: nn.Module) -> DeferredShared | None:
     """Put `block`'s shared expert, if it has one, behind a DeferredShared; that one."""

@@ -67,3 +67,28 @@ def test_inputs_that_do_not_match_are_refused_not_answered_empty():
     later.compute(torch.ones(2, 4))  # the routed call first (DeepSeek-V3's order)
     with pytest.raises(RuntimeError, match="not its routed experts' input"):
         later(torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_a_share_sent_again_after_a_worker_fails_computes_the_shared_expert_once(checkpoints, arch):
+    from tests.unit.test_meta_device import FailsOnce
+
+    class FailsOnceAnswersProbes(FailsOnce):
+        def probe(self, *args):
+            pass  # the ejected worker is back
+
+    path = checkpoints[arch]
+    model = load_dense_model(path, "float32")
+    router = attach(model, path, 2, FailsOnceAnswersProbes, replicas=2)  # every expert on both: a retry has a place
+    computed = []
+    for layer, shared in router.shared.items():
+        shared.inner.register_forward_hook(lambda *_, layer=layer: computed.append(layer))
+    ids = torch.arange(5, 37)[None]  # enough tokens that both workers get a share of the first call
+    try:
+        with torch.inference_mode():
+            logits = model(ids).logits
+        assert router.drain_counters()["retries"] > 0
+    finally:
+        router.close()
+    assert computed == sorted(router.shared)
+    torch.testing.assert_close(logits, transformers_model(path)(ids).logits, rtol=1e-4, atol=1e-4)
