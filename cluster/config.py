@@ -103,7 +103,18 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+# Fields of moecluster's own engine that the vLLM engine does not take (yet): refused there unless left at their
+# defaults, so none is accepted and silently ignored.
+NOT_ON_VLLM = ("engine_lanes", "prefill_chunk_tokens", "kv_cache_memory_fraction", "prefix_cache_tokens",
+               "stream_interval", "serving_gpus", "routing")
+
+
 class ServeConfig(_Strict):
+    engine: Literal["moecluster", "vllm"] = Field(
+        "moecluster", description="What runs the dense part of the model (embeddings, attention, KV cache, gates, "
+        "lm_head) in each serving replica: moecluster's own engine on transformers, or vLLM's engine (the `vllm` "
+        "extra), whose MoE layers call the same expert workers and whose OpenAI API the replica serves.",
+    )
     model: str | None = Field(None, description="Checkpoint directory; unset serves the embedded default model.")
     model_name: str | None = Field(
         None, description="Model id served and reported by /v1/models; unset: the checkpoint directory's name "
@@ -203,6 +214,16 @@ class ServeConfig(_Strict):
     def _one_way_to_scale(self):
         if self.autoscaling is not None and self.num_replicas > 1:
             raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_takes_fields(self):
+        if self.engine == "vllm":
+            changed = [name for name in NOT_ON_VLLM if getattr(self, name) != type(self).model_fields[name].get_default(
+                call_default_factory=True)]
+            if changed:
+                raise ValueError(f"engine vllm does not take {', '.join(changed)} (yet): leave them unset, or use "
+                                 "engine moecluster")
         return self
 
     def most_serving_replicas(self) -> int:

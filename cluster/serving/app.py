@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from transformers import AutoTokenizer
 
-from cluster.config import HedgeConfig, RoutingConfig, ServeConfig, live_fields, version_args, with_live
+from cluster.config import ServeConfig, live_fields, version_args, with_live
 from cluster.control.controller import CONTROLLER, RouterReport, controller_actor
 from cluster.engine import kv_budget
 from cluster.engine.engine import Engine
@@ -35,7 +35,6 @@ from cluster.serving.auth import ApiKeys
 from cluster.serving.body_limit import BodyLimit
 from cluster.serving.chat import ChatRequest
 from cluster.serving.logs import one_line_refusals
-from cluster.serving.rollout import REPLICA_CPUS, autoscaling_options, rollout_surge
 from cluster.serving.metrics import RequestTimer, ServingMetrics
 from cluster.serving.openai_api import (
     CompletionRequest,
@@ -49,15 +48,14 @@ from cluster.serving.openai_api import (
     validation_message,
 )
 from cluster.serving.requests import check_prompt_count, choice_params, parse_prompt, parse_sampling
+from cluster.serving.rollout import REPLICA_CPUS, autoscaling_options, rollout_surge
+from cluster.serving.router_policies import call_deadlines, hedge_policy, routing_policy
 from experts.threads import usable_cores
 from protos import inference_pb2
 from protos.wire.unix_stream import FrameLimits
 from router.client import ExpertClient
-from router.deadline import CallDeadlines
-from router.hedge import HedgePolicy
 from router.model import load_dense_model
 from router.remote import ExpertRouter
-from router.routing import centroids_path, load_centroids, policy_for_model
 from router.seam import route_experts
 
 log = logging.getLogger(__name__)
@@ -81,27 +79,6 @@ async def _bad_body(request: Request, error: RequestValidationError):
 @api.exception_handler(ServingError)
 async def _serving_error(request: Request, error: ServingError):
     return JSONResponse(error_body(str(error), error.http_status, error.code), status_code=error.http_status)
-
-
-def routing_policy(model, model_dir: str, routing: RoutingConfig):
-    centroids = None
-    if routing.policy == "kmeans":
-        centroids = load_centroids(centroids_path(model_dir, routing.centroids))
-    return policy_for_model(model, routing.policy, hash_seed=routing.hash_seed,
-                            capacity_factor=routing.capacity_factor, overflow=routing.overflow, centroids=centroids)
-
-
-def hedge_policy(config: HedgeConfig) -> HedgePolicy | None:
-    if not config.enabled:
-        return None
-    return HedgePolicy(factor=config.factor, min_s=config.min_ms / 1e3, budget=config.budget)
-
-
-def call_deadlines(config: ServeConfig) -> CallDeadlines | None:
-    deadline = config.call_deadline
-    if not deadline.enabled:
-        return None
-    return CallDeadlines(config.expert_timeout_s, factor=deadline.factor, floor_s=deadline.floor_ms / 1e3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +435,11 @@ def application(config: ServeConfig, **options) -> serve.Application:
     scaling = ({"autoscaling_config": autoscaling_options(config.autoscaling)} if config.autoscaling
                else {"num_replicas": config.num_replicas})
     actor = {**REPLICA_ACTOR, "num_gpus": config.serving_gpus, **options.pop("ray_actor_options", {})}
-    return MoEServer.options(
+    if config.engine == "vllm":
+        from cluster.serving.vllm_server import VllmServer as server
+    else:
+        server = MoEServer
+    return server.options(
         user_config=live_fields(config), max_surge_percent=rollout_surge(config), ray_actor_options=actor,
         deployment_actors=[controller_actor(version)], **scaling, **options,
     ).bind(version)

@@ -148,6 +148,7 @@ CASES = [
          {"name": "cache", "emptyDir": {"sizeLimit": "5Gi"}}),
     # serve: ServeConfig fields; the version's into the application's args, the live ones into the deployment's
     # user_config, the scaling ones into Serve's options
+    Case("serve.engine", ["serve.engine=vllm"], lambda o: args(o)["engine"], "vllm"),
     Case("serve.model_name", ["serve.model_name=qwen3"], lambda o: args(o)["model_name"], "qwen3"),
     Case("serve.dtype", ["serve.dtype=bfloat16"], lambda o: args(o)["dtype"], "bfloat16"),
     Case("serve.num_workers", ["serve.num_workers=6"], lambda o: args(o)["num_workers"], 6),

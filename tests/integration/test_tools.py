@@ -3,7 +3,7 @@ checkpoint: serving benchmarks (aiperf, guidellm) whose every request must succe
 completions backend (lm-eval's local-completions) whose scores and generations must be transformers'; and
 `moecluster bench --target-url`, which plays the bench's workload against any such server.
 
-The tools run from the `tools` extra's own venv (tests/tools_env.py), made once and kept in moecluster's cache.
+The tools run from the `tools` extra's own venv (tests/extra_env.py), made once and kept in moecluster's cache.
 """
 
 import json
@@ -19,7 +19,7 @@ from cluster.cli import main
 from cluster.demo_model import cache_dir
 from tests.integration.conftest import deploy
 from tests.reference import greedy, transformers_model
-from tests.tools_env import tools_bin
+from tests.extra_env import extra_bin
 
 APP = "tools"
 REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS = 4, 16, 8
@@ -34,7 +34,7 @@ AIPERF_LEAN = ["--workers-max", 1, "--record-processors", 1, "--no-server-metric
 
 @pytest.fixture(scope="module")
 def tools() -> Path:
-    return tools_bin(cache_dir())
+    return extra_bin(cache_dir(), "tools")
 
 
 @pytest.fixture(scope="module")

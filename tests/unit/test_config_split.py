@@ -37,3 +37,11 @@ def test_a_field_that_needs_a_new_version_is_refused_as_live():
 def test_bad_scaling_is_refused_naming_the_field(fields, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ServeConfig.model_validate(fields)
+
+
+def test_the_vllm_engine_refuses_by_name_the_fields_it_does_not_take():
+    assert ServeConfig(engine="vllm", max_batch_size=8, kv_cache_tokens=4096).engine == "vllm"
+    with pytest.raises(ValidationError, match="engine vllm does not take engine_lanes, routing"):
+        ServeConfig(engine="vllm", engine_lanes=2, routing={"policy": "hash"})
+    with pytest.raises(ValidationError, match="routing"):  # a live change is checked the same way
+        with_live(version_args(ServeConfig(engine="vllm")), {"routing": {"policy": "balanced"}})

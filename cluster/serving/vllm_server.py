@@ -1,0 +1,151 @@
+"""The serving replica of `engine: vllm`: vLLM's AsyncLLM runs the dense model, its MoE layers call this version's
+expert workers (cluster/vllm_engine), and vLLM's own OpenAI server answers HTTP, behind moecluster's API keys and
+body limit.
+
+The router lives in vLLM's model worker process. This replica checks in with the expert controller for it: every
+REPORT_INTERVAL_S it collects the router's load and health over vLLM's collective RPC, reports them, and hands the
+router any newer routing table.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import types
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from cluster.config import with_live
+from cluster.control.controller import CONTROLLER, RouterReport
+from cluster.errors import ServingError
+from cluster.node_env import ACTOR_ENV
+from cluster.serving.auth import ApiKeys
+from cluster.serving.body_limit import BodyLimit
+from cluster.serving.logs import one_line_refusals
+from cluster.serving.openai_api import error_body
+from cluster.serving.rollout import REPLICA_CPUS
+from cluster.vllm_engine.args import vllm_args
+from cluster.vllm_engine.tier import TierSpec, table_data
+
+log = logging.getLogger(__name__)
+REPORT_INTERVAL_S = 0.2
+PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
+DEMO_MODEL_NAME = "moecluster-default"
+OPEN_PATHS = ("/health", "/ping", "/version")  # probes and load balancers, as on moecluster's engine
+REPLICA_ACTOR = {"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": ACTOR_ENV}}
+
+
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options=REPLICA_ACTOR)
+@serve.ingress()
+class VllmServer:
+    async def __init__(self, version: dict):
+        self._version = version
+        self.config = with_live(version, {})
+        one_line_refusals()
+        self.controller = serve.get_deployment_actor(CONTROLLER)
+        self.model_dir = (await self.controller.model_ref.remote()).local()
+        self._router_id = serve.get_replica_context().replica_id.unique_id
+        table = await self.controller.attach.remote(self._router_id)
+        limits = self.config.limits
+        spec = TierSpec(await self.controller.data_path_key.remote(), self.config.expert_timeout_s,
+                        min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
+                        (limits.frame_message_bytes, limits.frame_tensor_bytes), table_data(table))
+        self.model_name = self.config.model_name or (
+            Path(self.model_dir).name if self.config.model else DEMO_MODEL_NAME)
+        self.args = vllm_args(self.config, self.model_dir, self.model_name, spec)
+        self.engine = _start_engine(self.args, self.config.serving_threads)
+        self.keys = ApiKeys.load(self.config.api_keys_file)
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def __serve_build_asgi_app__(self):
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+
+        tasks = await self.engine.get_supported_tasks()
+        app = build_app(self.args, supported_tasks=tasks, model_config=self.engine.model_config)
+        await init_app_state(self.engine, app.state, self.args, tasks)
+        app.state.server = types.SimpleNamespace()  # vLLM's error handler flags it; Serve runs no uvicorn of its own
+        return _KeyCheck(BodyLimit(app), self)  # vLLM's app is built whole: no middleware can be added to it
+
+    async def reconfigure(self, live: dict) -> None:
+        """Serve's in-place update of the live fields (`cluster.config.LIVE_FIELDS`)."""
+        config = with_live(self._version, live)
+        self.keys = ApiKeys.load(config.api_keys_file)
+        if self.keys.open:
+            log.warning("no API key is set (MOECLUSTER_API_KEY or api_keys_file): anyone who reaches the APIs can "
+                        "use them")
+        BodyLimit.max_bytes = config.limits.max_body_bytes
+        await self.engine.collective_rpc("moecluster_configure", args=(config.model_dump(mode="json"),))
+        self.config = config
+        await self.controller.set_live.remote(live)
+
+    async def _report_loop(self) -> None:
+        reachable = True
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            (router,) = await self.engine.collective_rpc("moecluster_report")
+            report = RouterReport(self._router_id, self._node_id, router["pid"], router["version"], router["experts"],
+                                  router["workers"], router["timings"], router["counters"], router["ejected"])
+            try:
+                table = await asyncio.wait_for(self.controller.report.remote(report), timeout=10)
+            except (TimeoutError, ray.exceptions.RayError) as error:
+                if reachable:
+                    log.warning("expert controller unreachable, serving with routing table v%d: %s",
+                                router["version"], type(error).__name__)
+                reachable = False
+                self._find_controller()
+                continue
+            if not reachable:
+                log.warning("expert controller reachable again")
+            reachable = True
+            if table is not None:
+                await self.engine.collective_rpc("moecluster_update", args=(table_data(table),))
+
+    def _find_controller(self) -> None:
+        try:
+            self.controller = serve.get_deployment_actor(CONTROLLER)
+        except ValueError:
+            pass  # not registered again yet
+
+    def __del__(self):
+        if hasattr(self, "_reporter"):
+            self._reporter.cancel()
+            self.engine.shutdown()
+        try:
+            ray.get(self.controller.release.remote(self._router_id), timeout=30)
+        except Exception:
+            log.exception("could not release the expert workers")
+
+
+def _start_engine(args, threads: int | None):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    cores = sorted(os.sched_getaffinity(0))[: threads or None]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+
+
+class _KeyCheck:
+    """ASGI middleware: the replica's API keys on every HTTP route but the probes'."""
+
+    def __init__(self, app, replica: VllmServer):
+        self.app, self.replica = app, replica
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))  # Serve's route prefix is the root
+        if scope["type"] != "http" or path in OPEN_PATHS or (path == "/metrics" and self.replica.config.metrics_open):
+            return await self.app(scope, receive, send)
+        try:
+            self.replica.keys.check(dict(scope["headers"]).get(b"authorization", b"").decode() or None)
+        except ServingError as error:
+            log.info("rejected request: %s", error)
+            body = json.dumps(error_body(str(error), error.http_status, error.code)).encode()
+            await send({"type": "http.response.start", "status": error.http_status,
+                        "headers": [(b"content-type", b"application/json")]})
+            return await send({"type": "http.response.body", "body": body})
+        await self.app(scope, receive, send)

