@@ -1,10 +1,10 @@
 """The serving replica of `engine: vllm`: vLLM's AsyncLLM runs the dense model, its MoE layers call this version's
 expert workers (cluster/vllm_engine), and vLLM's own OpenAI server answers HTTP, behind moecluster's API keys and
-body limit.
+body limit. moecluster.v1.Inference is served from the same engine.
 
-The router lives in vLLM's model worker process. This replica checks in with the expert controller for it: every
-REPORT_INTERVAL_S it collects the router's load and health over vLLM's collective RPC, reports them, and hands the
-router any newer routing table.
+The router lives in vLLM's model worker process. This replica checks in with the expert controller for it: the
+router sends its load and health over the replica's report socket (cluster/vllm_engine/tier.py), the replica
+reports them and answers with any newer routing table and live settings.
 """
 
 import asyncio
@@ -37,7 +37,6 @@ from cluster.vllm_engine.tier import TierSpec, table_data
 from protos import inference_pb2
 
 log = logging.getLogger(__name__)
-REPORT_INTERVAL_S = 0.2
 PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 DEMO_MODEL_NAME = "moecluster-default"
 OPEN_PATHS = ("/health", "/ping", "/version")  # probes and load balancers, as on moecluster's engine
@@ -55,10 +54,14 @@ class VllmServer:
         self.model_dir = (await self.controller.model_ref.remote()).local()
         self._router_id = serve.get_replica_context().replica_id.unique_id
         table = await self.controller.attach.remote(self._router_id)
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._live_for_router: dict | None = None  # live settings the router has yet to be given
+        report_socket = f"\0moecluster-tier-{uuid.uuid4().hex}"
+        self._reports = await asyncio.start_unix_server(self._check_ins, path=report_socket)
         limits = self.config.limits
         spec = TierSpec(await self.controller.data_path_key.remote(), self.config.expert_timeout_s,
                         min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
-                        (limits.frame_message_bytes, limits.frame_tensor_bytes), table_data(table))
+                        (limits.frame_message_bytes, limits.frame_tensor_bytes), table_data(table), report_socket)
         self.model_name = self.config.model_name or (
             Path(self.model_dir).name if self.config.model else DEMO_MODEL_NAME)
         self.args = vllm_args(self.config, self.model_dir, self.model_name, spec)
@@ -67,8 +70,6 @@ class VllmServer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._context_len = self.engine.model_config.max_model_len
         self.connections = grpc_api.ConnectionStreams(self.config.limits.streams_per_connection)
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def __serve_build_asgi_app__(self):
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -128,31 +129,36 @@ class VllmServer:
                         "use them")
         BodyLimit.max_bytes = config.limits.max_body_bytes
         self.connections.limit = config.limits.streams_per_connection
-        await self.engine.collective_rpc("moecluster_configure", args=(config.model_dump(mode="json"),))
+        self._live_for_router = config.model_dump(mode="json")
         self.config = config
         await self.controller.set_live.remote(live)
 
-    async def _report_loop(self) -> None:
+    async def _check_ins(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The router's check-ins, one line of JSON each (tier.report), each answered with one line
+        (tier.apply_reply)."""
         reachable = True
-        while True:
-            await asyncio.sleep(REPORT_INTERVAL_S)
-            (router,) = await self.engine.collective_rpc("moecluster_report")
-            report = RouterReport(self._router_id, self._node_id, router["pid"], router["version"], router["experts"],
-                                  router["workers"], router["timings"], router["counters"], router["ejected"])
-            try:
-                table = await asyncio.wait_for(self.controller.report.remote(report), timeout=10)
-            except (TimeoutError, ray.exceptions.RayError) as error:
-                if reachable:
-                    log.warning("expert controller unreachable, serving with routing table v%d: %s",
-                                router["version"], type(error).__name__)
-                reachable = False
-                self._find_controller()
-                continue
-            if not reachable:
-                log.warning("expert controller reachable again")
-            reachable = True
-            if table is not None:
-                await self.engine.collective_rpc("moecluster_update", args=(table_data(table),))
+        async with contextlib.aclosing(_lines(reader)) as lines:
+            async for router in lines:
+                report = RouterReport(
+                    self._router_id, self._node_id, router["pid"], router["version"], router["experts"],
+                    {int(w): rows for w, rows in router["workers"].items()}, router["timings"], router["counters"],
+                    router["ejected"])
+                try:
+                    table = await asyncio.wait_for(self.controller.report.remote(report), timeout=10)
+                except (ray.exceptions.RayError, TimeoutError) as error:
+                    if reachable:
+                        log.warning("expert controller unreachable, serving with routing table v%d: %s",
+                                    router["version"], type(error).__name__)
+                    reachable, table = False, None
+                    self._find_controller()
+                else:
+                    if not reachable:
+                        log.warning("expert controller reachable again")
+                    reachable = True
+                live, self._live_for_router = self._live_for_router, None
+                writer.write(json.dumps({"table": table_data(table) if table else None, "config": live}).encode()
+                             + b"\n")
+                await writer.drain()
 
     def _find_controller(self) -> None:
         try:
@@ -161,13 +167,17 @@ class VllmServer:
             pass  # not registered again yet
 
     def __del__(self):
-        if hasattr(self, "_reporter"):
-            self._reporter.cancel()
+        if hasattr(self, "engine"):
             self.engine.shutdown()
         try:
             ray.get(self.controller.release.remote(self._router_id), timeout=30)
         except Exception:
             log.exception("could not release the expert workers")
+
+
+async def _lines(reader: asyncio.StreamReader):
+    while line := await reader.readline():
+        yield json.loads(line)
 
 
 def _start_engine(args, threads: int | None):

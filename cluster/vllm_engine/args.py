@@ -6,7 +6,6 @@ import json
 from cluster.config import ServeConfig
 from cluster.vllm_engine.tier import CONFIG_KEY, TierSpec
 
-TIER_WORKER = "cluster.vllm_engine.tier.TierWorker"
 # A weak model fills the whitespace that JSON allows; constrained output is compact, as the API promises.
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 BLOCK_TOKENS = 16  # vLLM's CPU KV-cache block
@@ -18,7 +17,7 @@ def vllm_args(config: ServeConfig, model_dir: str, model_name: str, spec: TierSp
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = ["--model", model_dir, "--served-model-name", model_name, "--dtype", config.dtype,
-            "--max-num-seqs", str(config.max_batch_size), "--worker-extension-cls", TIER_WORKER,
+            "--max-num-seqs", str(config.max_batch_size),
             "--additional-config", json.dumps({CONFIG_KEY: spec.data()}),
             "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS),
             "--disable-uvicorn-access-log"]

@@ -2,15 +2,21 @@
 which each MoE layer calls it.
 
 vLLM compiles and runs the model in a worker process it starts itself, so the router is built there, from the plain
-data the serving replica put in the engine's `additional_config` (`TierSpec`). The serving replica reaches it
-between steps through vLLM's collective RPC (`TierWorker`): the load and health it reports, the routing tables it
-is given.
+data the serving replica put in the engine's `additional_config` (`TierSpec`). It checks in with the serving replica
+over a Unix socket of the replica's (`report_socket`), never through vLLM's engine loop, which would keep the engine's
+processes spinning: every REPORT_INTERVAL_S one line of JSON with its load and health out, one line back with a newer
+routing table or newer live settings, if any.
 
 T = tokens, K = experts per token, D = hidden
 """
 
 import dataclasses
+import json
+import logging
 import os
+import socket
+import threading
+import time
 
 import torch
 
@@ -21,7 +27,9 @@ from router.client import ExpertClient
 from router.remote import ExpertRouter
 from router.table import RoutingTable
 
+log = logging.getLogger(__name__)
 CONFIG_KEY = "moecluster"  # the tier's entry in vLLM's additional_config
+REPORT_INTERVAL_S = 0.2
 _router: ExpertRouter | None = None  # this process's, built with its engine's model
 
 
@@ -34,6 +42,7 @@ class TierSpec:
     probe_timeout_s: float
     frame_limits: tuple[int, int]  # FrameLimits' message and tensor bytes
     table: dict  # table_data(RoutingTable)
+    report_socket: str  # the serving replica's Unix socket (abstract: a leading NUL)
 
     def data(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,6 +71,8 @@ def router_for(spec: TierSpec) -> ExpertRouter:
     if _router is None:
         client = ExpertClient(spec.timeout_s, spec.key, limits=FrameLimits(*spec.frame_limits))
         _router = ExpertRouter(table_of(spec.table), client, probe_timeout_s=spec.probe_timeout_s)
+        threading.Thread(target=_check_in, args=(_router, spec.report_socket), name="tier-report",
+                         daemon=True).start()
     return _router
 
 
@@ -77,23 +88,39 @@ def _(hidden, topk_ids, topk_weights, layer):
     return torch.empty_like(hidden)
 
 
-class TierWorker:
-    """Mixed into vLLM's worker (`worker_extension_cls`): what the serving replica asks of this process's router
-    with `collective_rpc`, between engine steps."""
+def report(router: ExpertRouter) -> dict:
+    """The load and health since the last report, as the controller's RouterReport takes them."""
+    experts, workers = router.drain()
+    return {"pid": os.getpid(), "version": router.table.version, "experts": experts,
+            "workers": {str(w): rows for w, rows in workers.items()}, "timings": router.timings.drain(),
+            "counters": router.drain_counters(), "ejected": sorted(router.health.ejected())}
 
-    def moecluster_report(self) -> dict:
-        """The load and health since the last report, as the controller's RouterReport takes them."""
-        experts, workers = _router.drain()
-        return {"pid": os.getpid(), "version": _router.table.version, "experts": experts, "workers": workers,
-                "timings": _router.timings.drain(), "counters": _router.drain_counters(),
-                "ejected": sorted(_router.health.ejected())}
 
-    def moecluster_update(self, table: dict) -> None:
-        _router.update(table_of(table))
+def apply_reply(router: ExpertRouter, reply: dict) -> None:
+    """A newer routing table, and the live settings the router applies (hedging, deadlines), when the replica
+    has them."""
+    if reply.get("table") is not None:
+        router.update(table_of(reply["table"]))
+    if reply.get("config") is not None:
+        config = ServeConfig.model_validate(reply["config"])
+        router.hedging = hedge_policy(config.hedge)
+        router.deadlines = call_deadlines(config)
+        router.client.timeout_s = config.expert_timeout_s
 
-    def moecluster_configure(self, config: dict) -> None:
-        """The live fields the router applies: hedging, deadlines."""
-        config = ServeConfig.model_validate(config)
-        _router.hedging = hedge_policy(config.hedge)
-        _router.deadlines = call_deadlines(config)
-        _router.client.timeout_s = config.expert_timeout_s
+
+def _check_in(router: ExpertRouter, path: str) -> None:
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(path)
+                lines = sock.makefile("r")
+                while True:
+                    time.sleep(REPORT_INTERVAL_S)
+                    sock.sendall(json.dumps(report(router)).encode() + b"\n")
+                    line = lines.readline()
+                    if not line:
+                        break
+                    apply_reply(router, json.loads(line))
+        except OSError as error:
+            log.warning("the serving replica's report socket is unreachable, trying again: %s", error)
+        time.sleep(1.0)
