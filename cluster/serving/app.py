@@ -11,7 +11,6 @@ import os
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import ray
 import torch
@@ -28,7 +27,6 @@ from cluster.engine import kv_budget
 from cluster.engine.engine import Engine
 from cluster.engine.sequence import Event, SamplingParams, Sequence
 from cluster.errors import ModelNotFound, ServingError, UnknownService
-from cluster.node_env import ACTOR_ENV
 from cluster.serving import chat, grpc_api, metrics, stream
 from cluster.serving.auth import ENV as AUTH_ENV
 from cluster.serving.auth import ApiKeys
@@ -47,8 +45,9 @@ from cluster.serving.openai_api import (
     usage,
     validation_message,
 )
+from cluster.serving.replica import PROBE_TIMEOUT_S, REPLICA_ACTOR, served_model_name
 from cluster.serving.requests import check_prompt_count, choice_params, parse_prompt, parse_sampling
-from cluster.serving.rollout import REPLICA_CPUS, autoscaling_options, rollout_surge
+from cluster.serving.rollout import autoscaling_options, rollout_surge
 from cluster.serving.router_policies import call_deadlines, hedge_policy, routing_policy
 from experts.threads import usable_cores
 from protos import inference_pb2
@@ -63,10 +62,7 @@ api = FastAPI(title="moecluster")
 api.add_middleware(BodyLimit)
 REPORT_INTERVAL_S = 0.2
 METRICS_EVERY = 5  # reports: how often a replica's metrics go to the controller, for scrapes of another replica
-DEMO_MODEL_NAME = "moecluster-default"
-REPLICA_ACTOR = {"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": ACTOR_ENV}}  # `application` adds the GPUs
 READ = ["GET", "HEAD"]  # benchmark tools probe a route with HEAD before they GET it
-PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
 
 
 @api.exception_handler(RequestValidationError)
@@ -141,8 +137,7 @@ class MoEServer:
                              self.config.max_waiting, step_tokens=self.router.tokens,
                              lanes=self.config.engine_lanes)
         self.connections = grpc_api.ConnectionStreams(self.config.limits.streams_per_connection)
-        self.model_name = self.config.model_name or (
-            Path(self.model_dir).name if self.config.model else DEMO_MODEL_NAME)
+        self.model_name = served_model_name(self.config, self.model_dir)
         self.metrics = ServingMetrics(self.model_name, self.config.metrics_expert_series,
                                       running=self.engine.running, waiting=self.engine.waiting,
                                       cache=self.engine.cache_stats)

@@ -14,7 +14,6 @@ import logging
 import os
 import types
 import uuid
-from pathlib import Path
 
 import ray
 from ray import serve
@@ -24,23 +23,19 @@ from cluster.config import with_live
 from cluster.control.controller import CONTROLLER, RouterReport
 from cluster.engine.sequence import SamplingParams
 from cluster.errors import ServingError
-from cluster.node_env import ACTOR_ENV
 from cluster.serving import grpc_api, stream
 from cluster.serving.auth import ApiKeys
 from cluster.serving.body_limit import BodyLimit
 from cluster.serving.logs import one_line_refusals
 from cluster.serving.openai_api import error_body
+from cluster.serving.replica import PROBE_TIMEOUT_S, REPLICA_ACTOR, served_model_name
 from cluster.serving.requests import check_prompt_count, choice_params, parse_prompt, parse_sampling
-from cluster.serving.rollout import REPLICA_CPUS
 from cluster.vllm_engine.args import vllm_args
 from cluster.vllm_engine.tier import TierSpec, table_data
 from protos import inference_pb2
 
 log = logging.getLogger(__name__)
-PROBE_TIMEOUT_S = 1.0  # an ejected worker that cannot answer one row within this is still out
-DEMO_MODEL_NAME = "moecluster-default"
 OPEN_PATHS = ("/health", "/ping", "/version")  # probes and load balancers, as on moecluster's engine
-REPLICA_ACTOR = {"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": ACTOR_ENV}}
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options=REPLICA_ACTOR)
@@ -62,8 +57,7 @@ class VllmServer:
         spec = TierSpec(await self.controller.data_path_key.remote(), self.config.expert_timeout_s,
                         min(self.config.expert_timeout_s, PROBE_TIMEOUT_S),
                         (limits.frame_message_bytes, limits.frame_tensor_bytes), table_data(table), report_socket)
-        self.model_name = self.config.model_name or (
-            Path(self.model_dir).name if self.config.model else DEMO_MODEL_NAME)
+        self.model_name = served_model_name(self.config, self.model_dir)
         self.args = vllm_args(self.config, self.model_dir, self.model_name, spec)
         self.engine = _start_engine(self.args, self.config.serving_threads)
         self.keys = ApiKeys.load(self.config.api_keys_file)
