@@ -185,19 +185,22 @@ def _start_engine(args, threads: int | None):
 
 
 class _KeyCheck:
-    """ASGI middleware: the replica's API keys on every HTTP route but the probes'."""
+    """ASGI middleware: the replica's API keys on every HTTP and WebSocket route but the probes'."""
 
     def __init__(self, app, replica: VllmServer):
         self.app, self.replica = app, replica
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))  # Serve's route prefix is the root
-        if scope["type"] != "http" or path in OPEN_PATHS or (path == "/metrics" and self.replica.config.metrics_open):
+        if scope["type"] not in ("http", "websocket") or path in OPEN_PATHS or (
+                path == "/metrics" and self.replica.config.metrics_open):
             return await self.app(scope, receive, send)
         try:
             self.replica.keys.check(dict(scope["headers"]).get(b"authorization", b"").decode() or None)
         except ServingError as error:
             log.info("rejected request: %s", error)
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008, "reason": str(error)})
             body = json.dumps(error_body(str(error), error.http_status, error.code)).encode()
             await send({"type": "http.response.start", "status": error.http_status,
                         "headers": [(b"content-type", b"application/json")]})

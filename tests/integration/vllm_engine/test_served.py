@@ -2,6 +2,10 @@
 other nodes over real gRPC, and vLLM's OpenAI server answers; transformers running the whole model is the oracle."""
 
 import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -30,7 +34,8 @@ ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "
 def app(serve_endpoints, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "api_keys"
     keys.write_text(f"{KEY}\n")
-    deploy(APP, default_model_dir(), engine="vllm", num_workers=2, dtype="float32", api_keys_file=str(keys))
+    deploy(APP, default_model_dir(), engine="vllm", num_workers=2, default_replicas=2, dtype="float32",
+           api_keys_file=str(keys))
     yield f"{serve_endpoints[0]}/{APP}"
     serve.delete(APP)
 
@@ -107,6 +112,30 @@ def test_bad_input_is_a_400_and_the_server_serves_on(http, inference_stub):
     assert http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_a_killed_worker_costs_no_request_where_its_experts_have_another_replica(app, oracle):
+    """Every expert has a replica on each worker: the router sends a killed worker's share to the other one, inside
+    vLLM's forward, and every answer stays transformers'. The controller replaces the worker."""
+    ids = _tokenizer().encode("def main():")
+    expected = greedy(oracle, ids, 48)
+    victim = ops.status(APP)["workers"][0]["pid"]
+
+    def complete():
+        with httpx.Client(base_url=app, headers={"authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            return client.post("/v1/completions", json={"model": APP, "prompt": ids, "max_tokens": 48,
+                                                        "temperature": 0, "return_token_ids": True})
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [pool.submit(complete) for _ in range(4)]
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        replies = [reply.result() for reply in replies]
+    assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+    assert all(r.json()["choices"][0]["token_ids"] == expected for r in replies)
+    _wait(lambda: next((s for s in [ops.status(APP)] if s["workers"][0].get("pid") != victim
+                        and all(w["alive"] for w in s["workers"])), None), timeout_s=120, what="a replacement")
+    assert complete().json()["choices"][0]["token_ids"] == expected
+
+
 def _tokenizer():
     from transformers import AutoTokenizer
 
@@ -118,12 +147,10 @@ def _routed_tokens(status: dict | None = None) -> int:
     return sum(sum(worker["tokens"].values()) for worker in status["workers"])
 
 
-def _wait(probe, timeout_s: float = 20.0):
-    import time
-
+def _wait(probe, timeout_s: float = 20.0, what: str = "the routed tokens"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if (found := probe()) is not None:
             return found
         time.sleep(0.2)
-    raise AssertionError("the controller never saw the routed tokens")
+    raise AssertionError(f"the controller never showed {what}")
