@@ -169,14 +169,26 @@ def status_now(app: str, timeout_s: float = 120.0) -> dict:
             time.sleep(0.5)
 
 
-def full_capacity(app: str) -> bool:
+def capacity_gap(app: str) -> str:
+    """What keeps the application from full capacity now ("" at full capacity): it also says why a row never got
+    back."""
     from cluster.control import ops
 
     try:
         status = ops.status(app)
-    except Exception:  # a controller being started again
-        return False
-    return bool(status["routers"]) and not status["ejected_workers"] and all(w["alive"] for w in status["workers"])
+    except Exception as error:  # a controller being started again
+        return f"status failed: {str(error)[:200]}"
+    dead = [w["worker"] for w in status["workers"] if not w["alive"]]
+    gaps = [f"workers {dead} not alive (replacement error: {status['replacement_error'][:200] or 'none'})"] if dead else []
+    if not status["routers"]:
+        gaps.append("no router reports")
+    if status["ejected_workers"]:
+        gaps.append(f"workers {status['ejected_workers']} ejected by a router")
+    return "; ".join(gaps)
+
+
+def full_capacity(app: str) -> bool:
+    return not capacity_gap(app)
 
 
 def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
@@ -196,6 +208,8 @@ def run_row(hosts: Hosts, traffic: Traffic, fault: Fault) -> dict:
         ended = time.monotonic()
         verdict_s = max(NODE_VERDICT_S, fault.hold_s)
         row["back_s"] = round(_back_s(traffic.app, node, lambda: hosts.restarts[target.host] > restarts, verdict_s), 2)
+        if row["back_s"] == float("inf"):
+            row["not_back"] = capacity_gap(traffic.app)
         back_at = time.monotonic()
         if side is not None:
             side.join(300)
