@@ -35,10 +35,15 @@ class ExpertRouter:
 
     def __init__(self, table: RoutingTable, client, policy: RoutingPolicy | None = None,
                  health: WorkerHealth | None = None, probe_timeout_s: float = 1.0, hedging: HedgePolicy | None = None,
-                 deadlines: CallDeadlines | None = None):
+                 deadlines: CallDeadlines | None = None, poison_lost: bool = False):
         """`hedging` None: a slow worker's share waits for it (or its deadline), never raced elsewhere.
-        `deadlines` None: every call waits the client's whole deadline."""
+        `deadlines` None: every call waits the client's whole deadline.
+        `poison_lost`: a pair whose expert has no live replica gets a NaN output instead of failing the call with
+        NoReplica, so that only its token's row is NaN (an engine that must not raise in its forward finds the
+        requests that needed a lost expert by their NaN logits); `lost` then says why."""
         self.table, self.client = table, client
+        self.poison_lost = poison_lost
+        self.lost = ""  # why the last pair poisoned had no live replica
         self.deadlines = deadlines
         self.policy = policy or RoutingPolicy()
         self.health = health or WorkerHealth()
@@ -112,6 +117,10 @@ class ExpertRouter:
         while pending.numel():
             planned_at = time.perf_counter()
             table = self.table
+            if self.poison_lost:
+                pending = self._poison_unreachable(layer, table, flat, pending, out)
+                if not pending.numel():
+                    break
             dispatch = self._plan(layer, table, flat[pending])
             sent_pairs = pending[dispatch.order]  # [P] in dispatch order
             rows = hidden.index_select(0, (sent_pairs // top_k).to(device))
@@ -149,7 +158,25 @@ class ExpertRouter:
             if pending.numel():
                 with self._stats_lock:
                     self.counters["retries"] += int(pending.numel())
+        if shared is not None:  # every pair was poisoned before a call went out
+            shared.compute(hidden)
         return out, waited, compute_s, paused
+
+    def _poison_unreachable(self, layer: int, table: RoutingTable, flat: torch.Tensor, pending: torch.Tensor,
+                            out: torch.Tensor) -> torch.Tensor:
+        """[P'] the `pending` pairs whose expert has a live replica; the others' rows of `out` [S, D] are NaN."""
+        ejected, hosts = self.health.ejected(), table.replicas[layer]
+        live = torch.tensor([any(w not in ejected for w in workers) for workers in hosts])  # [E]
+        reachable = live[flat[pending]]  # [P]
+        if bool(reachable.all()):
+            return pending
+        lost = pending[~reachable]
+        expert = int(flat[lost[0]])
+        self.lost = str(NoReplica(layer, expert, self._why_no_replica(table, hosts[expert])))
+        out.index_fill_(0, lost.to(out.device), float("nan"))
+        with self._stats_lock:
+            self.counters["lost_pairs"] += int(lost.numel())
+        return pending[reachable]
 
     def _timeout_s(self, layer: int, table: RoutingTable) -> float | None:
         if self.deadlines is None:

@@ -50,7 +50,8 @@ ROUTER_TTL_S = 5.0
 ATTACHED_TTL_S = 60.0  # an attached router silent this long died without releasing its version's workers
 CONTROLLER = "expert-controller"  # its name among the deployment's actors
 REPLACE_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed replacement again
-HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "hedges", "hedges_won", "replacements", "replacement_failures")
+HEALTH_COUNTERS = (*ROUTER_COUNTERS, "retries", "lost_pairs", "hedges", "hedges_won", "replacements",
+                   "replacement_failures")
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,12 @@
 for a chunked body, once the bytes read pass it."""
 
 import json
+import logging
 
 from cluster.errors import InvalidRequest
 from cluster.serving.openai_api import error_body
+
+log = logging.getLogger(__name__)
 
 
 class BodyLimit:
@@ -21,7 +24,7 @@ class BodyLimit:
         limit = BodyLimit.max_bytes
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > limit:
-            return await _refuse(send, f"the request body has {length.decode(errors='replace')} bytes; "
+            return await refuse(send, f"the request body has {length.decode(errors='replace')} bytes; "
                                        f"limits.max_body_bytes is {limit}")
         read = 0
 
@@ -36,7 +39,9 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-async def _refuse(send, message: str) -> None:
+async def refuse(send, message: str) -> None:
+    """A 400 with `message`, before the application saw the request; one log line."""
+    log.info("rejected request: %s", message)
     body = json.dumps(error_body(message, 400)).encode()
     await send({"type": "http.response.start", "status": 400,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -22,10 +22,11 @@ from transformers import AutoTokenizer
 from cluster.config import with_live
 from cluster.control.controller import CONTROLLER, RouterReport
 from cluster.engine.sequence import SamplingParams
-from cluster.errors import ServingError
+from cluster.errors import ExpertUnavailable, ServingError
 from cluster.serving import grpc_api, stream
 from cluster.serving.auth import ApiKeys
 from cluster.serving.body_limit import BodyLimit
+from cluster.serving.known_fields import KnownFields, field_names
 from cluster.serving.logs import one_line_refusals
 from cluster.serving.openai_api import error_body
 from cluster.serving.replica import PROBE_TIMEOUT_S, REPLICA_ACTOR, served_model_name
@@ -73,7 +74,8 @@ class VllmServer:
         app = build_app(self.args, supported_tasks=tasks, model_config=self.engine.model_config)
         await init_app_state(self.engine, app.state, self.args, tasks)
         app.state.server = types.SimpleNamespace()  # vLLM's error handler flags it; Serve runs no uvicorn of its own
-        return _KeyCheck(BodyLimit(app), self)  # vLLM's app is built whole: no middleware can be added to it
+        # vLLM's app is built whole: no middleware can be added to it
+        return _KeyCheck(BodyLimit(KnownFields(app, _known_fields())), self)
 
     # --- gRPC: moecluster.v1.Inference, on the same engine ---
 
@@ -108,11 +110,16 @@ class VllmServer:
 
         from cluster.vllm_engine.requests import event, vllm_sampling
 
+        from cluster.vllm_engine.engine import ExpertsLost
+
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_sampling(params),
                                        f"grpc-{uuid.uuid4().hex}")
-        async with contextlib.aclosing(outputs):
-            async for output in outputs:
-                yield event(output, params.logprobs)
+        try:
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    yield event(output, params.logprobs)
+        except ExpertsLost as error:
+            raise ExpertUnavailable(str(error)) from None
 
     async def reconfigure(self, live: dict) -> None:
         """Serve's in-place update of the live fields (`cluster.config.LIVE_FIELDS`)."""
@@ -129,10 +136,16 @@ class VllmServer:
 
     async def _check_ins(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The router's check-ins, one line of JSON each (tier.report), each answered with one line
-        (tier.apply_reply)."""
+        (tier.apply_reply); and the requests that needed a lost expert (lost.LostRequests), each answered once the
+        engine fails them."""
         reachable = True
         async with contextlib.aclosing(_lines(reader)) as lines:
             async for router in lines:
+                if "lost" in router:
+                    self.engine.lose(router["lost"], router["why"])
+                    writer.write(b"{}\n")
+                    await writer.drain()
+                    continue
                 report = RouterReport(
                     self._router_id, self._node_id, router["pid"], router["version"], router["experts"],
                     {int(w): rows for w, rows in router["workers"].items()}, router["timings"], router["counters"],
@@ -174,14 +187,31 @@ async def _lines(reader: asyncio.StreamReader):
         yield json.loads(line)
 
 
+def _known_fields() -> dict[str, frozenset[str]]:
+    """The routes whose unknown fields are refused by name, and the fields vLLM's request models know there."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest,
+        TokenizeChatRequest,
+        TokenizeCompletionRequest,
+    )
+
+    return {"/v1/completions": field_names([CompletionRequest]),
+            "/v1/chat/completions": field_names([ChatCompletionRequest]),
+            "/tokenize": field_names([TokenizeCompletionRequest, TokenizeChatRequest]),
+            "/detokenize": field_names([DetokenizeRequest])}
+
+
 def _start_engine(args, threads: int | None):
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from cluster.vllm_engine.engine import TierEngine
 
     cores = sorted(os.sched_getaffinity(0))[: threads or None]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+    return TierEngine.from_engine_args(AsyncEngineArgs.from_cli_args(args))
 
 
 class _KeyCheck:

@@ -9,6 +9,7 @@ from cluster.vllm_engine.tier import CONFIG_KEY, TierSpec
 # A weak model fills the whitespace that JSON allows; constrained output is compact, as the API promises.
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 BLOCK_TOKENS = 16  # vLLM's CPU KV-cache block
+LOST_REQUESTS = "cluster.vllm_engine.lost:LostRequests"  # finds the requests that needed a lost expert
 
 
 def vllm_args(config: ServeConfig, model_dir: str, model_name: str, spec: TierSpec) -> argparse.Namespace:
@@ -20,6 +21,7 @@ def vllm_args(config: ServeConfig, model_dir: str, model_name: str, spec: TierSp
             "--max-num-seqs", str(config.max_batch_size),
             "--additional-config", json.dumps({CONFIG_KEY: spec.data()}),
             "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS),
+            "--logits-processors", LOST_REQUESTS,
             "--disable-uvicorn-access-log"]
     if config.kv_cache_tokens is not None:
         argv += ["--num-gpu-blocks-override", str(-(-config.kv_cache_tokens // BLOCK_TOKENS))]

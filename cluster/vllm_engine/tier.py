@@ -70,17 +70,29 @@ def router_for(spec: TierSpec) -> ExpertRouter:
     global _router
     if _router is None:
         client = ExpertClient(spec.timeout_s, spec.key, limits=FrameLimits(*spec.frame_limits))
-        _router = ExpertRouter(table_of(spec.table), client, probe_timeout_s=spec.probe_timeout_s)
+        _router = ExpertRouter(table_of(spec.table), client, probe_timeout_s=spec.probe_timeout_s, poison_lost=True)
         threading.Thread(target=_check_in, args=(_router, spec.report_socket), name="tier-report",
                          daemon=True).start()
     return _router
 
 
+def lost_why() -> str:
+    """Why the last token this process poisoned had no expert ("" while none was)."""
+    return _router.lost if _router is not None else ""
+
+
 @torch.library.custom_op("moecluster::route_experts", mutates_args=())
 def route_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                   layer: int) -> torch.Tensor:
-    """[T, D] gate-weighted sum of each token's K experts, computed on the expert workers."""
-    return _router.forward(layer, hidden, topk_ids.long(), topk_weights)
+    """[T, D] gate-weighted sum of each token's K experts, computed on the expert workers. It never raises: vLLM's
+    engine dies of an exception in its forward. A token that needed an expert with no live replica gets a NaN row,
+    which attention carries to its request's logits alone (cluster/vllm_engine/lost.py finds them there)."""
+    try:
+        return _router.forward(layer, hidden, topk_ids.long(), topk_weights)
+    except Exception as error:  # the call failed whole (a request the router built wrongly): every token's row
+        _router.lost = f"layer {layer}: {error}"
+        log.error("MoE layer %d failed whole, its tokens' requests fail: %s", layer, error)
+        return torch.full_like(hidden, float("nan"))
 
 
 @route_experts.register_fake

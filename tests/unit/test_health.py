@@ -158,6 +158,25 @@ def test_an_ejected_worker_is_probed_and_readmitted_once_it_answers():
         router.close()
 
 
+def test_a_router_that_poisons_gives_nan_to_exactly_the_tokens_that_needed_a_lost_expert():
+    workers = FakeWorkers()
+    table = RoutingTable(1, {w: f"w{w}" for w in range(3)}, {0: [[0], [1], [1], [0]]})
+    router = ExpertRouter(table, workers, health=WorkerHealth(base_s=60, max_s=60), poison_lost=True)
+    hidden, index, weights = layer_inputs()
+    workers.failing = {1}
+    try:
+        for _ in range(2):  # the call that ejects worker 1, then one that finds it ejected
+            out = router.forward(0, hidden, index, weights)
+            lost = ((index == 1) | (index == 2)).any(dim=1)  # [T] tokens routed to worker 1's experts
+            assert 0 < int(lost.sum()) < len(lost)
+            assert out[lost].isnan().all() and not out[~lost].isnan().any()
+            torch.testing.assert_close(out[~lost], reference(hidden, index, weights)[~lost])
+        assert router.lost.startswith("layer 0 expert ") and "DEADLINE_EXCEEDED" in router.lost
+        assert router.counters["lost_pairs"] == 2 * int(((index == 1) | (index == 2)).sum())
+    finally:
+        router.close()
+
+
 def test_an_expert_whose_worker_the_controller_dropped_says_it_is_being_replaced():
     plan = [[(0, 0), (0, 3)], [(0, 1), (0, 2)]]
     table = RoutingTable.from_plan(2, plan, {0: "w0"}, {0: 4})  # worker 1 died; its replacement is not up yet

@@ -26,6 +26,11 @@ APP = "vllm"
 KEY = "vllm-engine-test-key"
 GRPC_METADATA = [("application", APP), ("authorization", f"Bearer {KEY}")]
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def", "import os\n\n"]
+CANDIDATES = ["x = 1\n", "import os\n\n", "return None", "# TODO\n", "while True:\n    pass\n", "print(",
+              "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
+              "def main():\n",
+              "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+              "        self.items.append(item)\n\n    def pop(self):\n"]
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
           "additionalProperties": False}
 
@@ -109,6 +114,10 @@ def test_bad_input_is_a_400_and_the_server_serves_on(http, inference_stub):
     assert "max_tokens" in refused.value.details()
     refused = http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": -1})
     assert refused.status_code == 400, refused.text
+    refused = http.post("/v1/chat/completions", json={"model": APP, "messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 2, "guided_json": {}, "reasoning_budget": 3})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["message"] == "guided_json, reasoning_budget: not supported by this server"
     assert http.post("/v1/completions", json={"model": APP, "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
@@ -134,6 +143,83 @@ def test_a_killed_worker_costs_no_request_where_its_experts_have_another_replica
     _wait(lambda: next((s for s in [ops.status(APP)] if s["workers"][0].get("pid") != victim
                         and all(w["alive"] for w in s["workers"])), None), timeout_s=120, what="a replacement")
     assert complete().json()["choices"][0]["token_ids"] == expected
+
+
+def test_a_lost_expert_fails_only_the_requests_that_needed_it_and_the_engine_goes_on(app, oracle):
+    """An expert's only replica is lost: a request whose tokens need it fails with 503 naming it, a request sent
+    beside it whose tokens never route there completes with transformers' tokens, vLLM's engine is never restarted,
+    and once the controller replaced the worker the failed prompt completes too (no NaN stays in the prefix
+    cache)."""
+    _wait(lambda: next((s for s in [ops.status(APP)] if _full_capacity(s)), None), timeout_s=120,
+          what="full capacity")
+    layer, expert, spared_ids, needing_ids = _lost_expert_case(oracle)
+    key = f"{layer}:{expert}"
+    ops.scale({key: 1}, APP)
+    try:
+        status = ops.status(APP)
+        victim = next(w for w in status["workers"] if key in w["replicas"])["pid"]
+        engine = [(r["router"], r["pid"]) for r in status["routers"]]
+        os.kill(victim, signal.SIGKILL)
+        with ThreadPoolExecutor(2) as pool:
+            spared, needing = [pool.submit(_complete, app, ids, 8) for ids in (spared_ids, needing_ids)]
+            spared, needing = spared.result(), needing.result()
+        assert needing.status_code == 503, needing.text
+        assert f"layer {layer} expert {expert} has no live replica" in needing.json()["error"]["message"]
+        assert spared.status_code == 200, spared.text
+        assert spared.json()["choices"][0]["token_ids"] == greedy(oracle, spared_ids, 8)
+        _wait(lambda: next((s for s in [ops.status(APP)] if _full_capacity(s)), None), timeout_s=120,
+              what="a replacement")
+        again = _complete(app, needing_ids, 8)
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["token_ids"] == greedy(oracle, needing_ids, 8)
+        assert [(r["router"], r["pid"]) for r in ops.status(APP)["routers"]] == engine
+        assert ops.status(APP)["health"]["lost_pairs"] > 0
+    finally:
+        ops.scale({key: 2}, APP)
+
+
+def _lost_expert_case(oracle) -> tuple[int, int, list[int], list[int]]:
+    """(layer, expert, a prompt none of whose tokens route there in 8 greedy tokens, a prompt whose own tokens
+    do), found with transformers' gates."""
+    tokenizer = _tokenizer()
+    prompts = [tokenizer.encode(p) for p in CANDIDATES]
+    spared = [_experts_used(oracle, ids + greedy(oracle, ids, 8)) for ids in prompts]
+    needing = [_experts_used(oracle, ids) for ids in prompts]
+    for layer in sorted(spared[0]):
+        for expert in range(oracle.config.num_local_experts):
+            a = next((i for i, used in enumerate(spared) if expert not in used[layer]), None)
+            b = next((i for i, used in enumerate(needing) if expert in used[layer] and len(prompts[i]) >= 32), None)
+            if a is not None and b is not None:
+                return layer, expert, prompts[a], prompts[b]
+    raise AssertionError("no prompt spares an expert that another needs: add candidates")
+
+
+def _experts_used(model, ids: list[int]) -> dict[int, set[int]]:
+    """{layer: experts the model's gate chose for any of `ids`}."""
+    used, hooks = {}, []
+    for layer, block in enumerate(model.model.layers):
+        def record(module, args, out, layer=layer):
+            used[layer] = set(out[-1].reshape(-1).tolist())  # the router's (logits, weights, [T, K] indices)
+        hooks.append(block.mlp.gate.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return used
+
+
+def _complete(app: str, ids: list[int], max_tokens: int) -> httpx.Response:
+    with httpx.Client(base_url=app, headers={"authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        return client.post("/v1/completions", json={"model": APP, "prompt": ids, "max_tokens": max_tokens,
+                                                    "temperature": 0, "return_token_ids": True})
+
+
+def _full_capacity(status: dict) -> bool:
+    """Every worker alive, and the router routes with the controller's newest table and ejects none."""
+    return (all(w["alive"] for w in status["workers"]) and not status["ejected_workers"]
+            and all(router["table_version"] == status["version"] for router in status["routers"]))
 
 
 def _tokenizer():
