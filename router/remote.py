@@ -166,6 +166,8 @@ class ExpertRouter:
                             out: torch.Tensor) -> torch.Tensor:
         """[P'] the `pending` pairs whose expert has a live replica; the others' rows of `out` [S, D] are NaN."""
         ejected, hosts = self.health.ejected(), table.replicas[layer]
+        if not ejected and not table.gone:  # the usual case: every expert has its replicas
+            return pending
         live = torch.tensor([any(w not in ejected for w in workers) for workers in hosts])  # [E]
         reachable = live[flat[pending]]  # [P]
         if bool(reachable.all()):

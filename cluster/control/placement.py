@@ -43,26 +43,55 @@ def plan_placement(
     calls fewer workers; otherwise each layer spreads over every worker and computes on all of them at once.
     """
     _check_fits(counts, workers, expert_bytes)
-    plan: Plan = [[] for _ in workers]
-    loads = [0.0] * len(workers)
+    placing = _Placing(workers, expert_bytes)
     share = {p: (load or {}).get(p, 1.0) / n for p, n in counts.items()}
     todo = dict(counts)
     for w, pairs in enumerate(previous or []):
         for pair in pairs:
             if todo.get(pair, 0) > 0 and w < len(workers):
-                plan[w].append(pair)
-                loads[w] += share[pair]
+                placing.put(w, pair, share[pair])
                 todo[pair] -= 1
     fair_load = sum(share[p] * n for p, n in counts.items()) / len(workers) if by_layer else 0.0
-    layers = [{layer for layer, _ in pairs} for pairs in plan]
     for pair in sorted(todo, key=lambda p: (-share[p], p)):
         for _ in range(todo[pair]):
-            packs = [pair[0] in layers[w] and loads[w] + share[pair] <= fair_load + 1e-9 for w in range(len(workers))]
-            w = _best_worker(pair, plan, loads, workers, expert_bytes, packs)
-            plan[w].append(pair)
-            layers[w].add(pair[0])
-            loads[w] += share[pair]
-    return plan
+            placing.put(placing.best_worker(pair, share[pair], fair_load), pair, share[pair])
+    return placing.plan
+
+
+class _Placing:
+    """A plan being built, with what choosing a worker asks of it kept at hand: each choice costs one pass over the
+    workers, however many pairs the plan holds (DeepSeek-V3 has 14,848)."""
+
+    def __init__(self, workers: list[WorkerSlot], expert_bytes: float):
+        self.workers, self.expert_bytes = workers, expert_bytes
+        self.plan: Plan = [[] for _ in workers]
+        self.hosted: list[set[Pair]] = [set() for _ in workers]
+        self.layers: list[set[int]] = [set() for _ in workers]
+        self.loads = [0.0] * len(workers)
+        self.nodes_of: dict[Pair, set[str]] = {}  # nodes that host a replica of the pair
+
+    def put(self, w: int, pair: Pair, share: float) -> None:
+        self.plan[w].append(pair)
+        self.hosted[w].add(pair)
+        self.layers[w].add(pair[0])
+        self.loads[w] += share
+        self.nodes_of.setdefault(pair, set()).add(self.workers[w].node)
+
+    def best_worker(self, pair: Pair, share: float, fair_load: float) -> int:
+        """The least-loaded worker with room and no replica of `pair`, on a node without one where possible,
+        preferring one where the pair packs (joins its layer there within `fair_load`)."""
+        fits = [w for w, slot in enumerate(self.workers)
+                if pair not in self.hosted[w] and (len(self.plan[w]) + 1) * self.expert_bytes <= slot.memory_bytes]
+        if not fits:
+            raise PlanError(f"no worker has room for another replica of expert {pair[0]}:{pair[1]} "
+                            f"({self.expert_bytes / 2**20:.1f} MiB)")
+        used_nodes = self.nodes_of.get(pair, set())
+
+        def rank(w: int) -> tuple:
+            packs = pair[0] in self.layers[w] and self.loads[w] + share <= fair_load + 1e-9
+            return self.workers[w].node in used_nodes, not packs, self.loads[w], len(self.plan[w]), w
+
+        return min(fits, key=rank)
 
 
 def packs_layers(placement: str, nodes: list[str]) -> bool:
@@ -85,20 +114,6 @@ def _check_fits(counts: dict[Pair, int], workers: list[WorkerSlot], expert_bytes
             f"{sum(counts.values())} expert replicas need {need / 2**30:.2f} GiB but the {len(workers)} workers "
             f"have {have / 2**30:.2f} GiB: short by {(need - have) / 2**30:.2f} GiB"
         )
-
-
-def _best_worker(pair: Pair, plan: Plan, loads: list[float], workers: list[WorkerSlot], expert_bytes: float,
-                 packs: list[bool]) -> int:
-    """The least-loaded worker with room, preferring one where the pair `packs` (joins its layer there)."""
-    used_nodes = {workers[w].node for w, pairs in enumerate(plan) if pair in pairs}
-    fits = [
-        w for w in range(len(workers))
-        if pair not in plan[w] and (len(plan[w]) + 1) * expert_bytes <= workers[w].memory_bytes
-    ]
-    if not fits:
-        raise PlanError(f"no worker has room for another replica of expert {pair[0]}:{pair[1]} "
-                        f"({expert_bytes / 2**20:.1f} MiB)")
-    return min(fits, key=lambda w: (workers[w].node in used_nodes, not packs[w], loads[w], len(plan[w]), w))
 
 
 def rebalance_counts(tokens: dict[Pair, float], budget: int, max_per_pair: int) -> dict[Pair, int]:

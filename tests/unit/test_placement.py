@@ -1,5 +1,7 @@
 """Placement and rebalancing plans on their own: no Ray."""
 
+import random
+
 import pytest
 
 from cluster.control.placement import (
@@ -102,3 +104,60 @@ def test_rebalance_gives_hot_experts_replicas_and_lowers_worker_max_over_mean():
 def test_rebalance_budget_below_one_each_is_refused():
     with pytest.raises(PlanError, match="cannot keep one of each"):
         rebalance_counts({(0, 0): 1.0, (0, 1): 1.0}, budget=1, max_per_pair=2)
+
+
+def reference_placement(counts, workers, expert_bytes, load=None, previous=None, by_layer=False):
+    """plan_placement as first written: every choice rescans the whole plan."""
+    plan, loads = [[] for _ in workers], [0.0] * len(workers)
+    share = {p: (load or {}).get(p, 1.0) / n for p, n in counts.items()}
+    todo = dict(counts)
+    for w, pairs in enumerate(previous or []):
+        for pair in pairs:
+            if todo.get(pair, 0) > 0 and w < len(workers):
+                plan[w].append(pair)
+                loads[w] += share[pair]
+                todo[pair] -= 1
+    fair_load = sum(share[p] * n for p, n in counts.items()) / len(workers) if by_layer else 0.0
+    for pair in sorted(todo, key=lambda p: (-share[p], p)):
+        for _ in range(todo[pair]):
+            used_nodes = {workers[w].node for w, pairs in enumerate(plan) if pair in pairs}
+            fits = [w for w in range(len(workers))
+                    if pair not in plan[w] and (len(plan[w]) + 1) * expert_bytes <= workers[w].memory_bytes]
+            packs = [any(p[0] == pair[0] for p in plan[w]) and loads[w] + share[pair] <= fair_load + 1e-9
+                     for w in range(len(workers))]
+            w = min(fits, key=lambda w: (workers[w].node in used_nodes, not packs[w], loads[w], len(plan[w]), w))
+            plan[w].append(pair)
+            loads[w] += share[pair]
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_placement_equals_the_reference(seed):
+    rng = random.Random(seed)
+    shape = {layer: rng.randint(2, 12) for layer in range(rng.randint(1, 4))}
+    workers = slots(rng.randint(2, 6), nodes=rng.randint(1, 6), memory=rng.choice([float("inf"), 40 * MIB]))
+    counts = {p: rng.randint(1, min(3, len(workers))) for p in replica_counts(shape, {})}
+    load = {p: float(rng.randint(0, 100)) for p in counts} if rng.random() < 0.7 else None
+    by_layer = rng.random() < 0.5
+    try:
+        previous = plan_placement(replica_counts(shape, {}), workers, MIB, by_layer=by_layer)
+        expected = reference_placement(counts, workers, MIB, load, previous, by_layer)
+    except (PlanError, ValueError):  # does not fit: the reference has no messages of its own
+        return
+    assert plan_placement(counts, workers, MIB, load, previous, by_layer) == expected
+
+
+def test_deepseek_v3_sized_plans_place_and_rebalance():
+    """58 MoE layers of 256 experts (14,848 pairs) on 32 workers, then a rebalance to 1.5 replicas each."""
+    shape = {layer: 256 for layer in range(3, 61)}
+    workers = slots(32, nodes=16)
+    counts = replica_counts(shape, {})
+    plan = plan_placement(counts, workers, MIB)
+    check_plan(plan, counts, workers, MIB)
+    rng = random.Random(0)
+    tokens = {pair: rng.paretovariate(1.2) for pair in counts}
+    more = rebalance_counts(tokens, len(counts) * 3 // 2, len(workers))
+    replanned = plan_placement(more, workers, MIB, load=tokens, previous=plan)
+    check_plan(replanned, more, workers, MIB)
+    loads = worker_loads(replanned, more, tokens)
+    assert max(loads) / (sum(loads) / len(loads)) < 1.05
