@@ -67,6 +67,7 @@ class ExpertWorker:
             "pid": os.getpid(),
             "pairs": self.bank.pairs,
             "weight_bytes": self.bank.nbytes(),
+            "resident_bytes": resident_bytes(),
             "device": str(self.bank.device),
             "tokens": {expert_key(*pair): n for pair, n in tokens.items()},
             "compute_s": compute_s,
@@ -81,6 +82,15 @@ class ExpertWorker:
 
     def shutdown(self) -> None:
         self.server.stop(grace=1.0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory, beside its weights in `stats` (None without Linux's /proc)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
 
 
 def _outlive_no_owner(owner: Owner, served: Callable[[], float]) -> None:

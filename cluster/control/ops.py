@@ -67,11 +67,12 @@ def format_status(status: dict) -> str:
     lines = [f"application {status['app']}  plan v{status['version']}  routing {status['routing_policy']}  placement {status['placement']}", "",
              "NODE                      ADDRESS          ALIVE"]
     lines += [f"{n['node_id'][:24]:<25} {n['address']:<16} {n['alive']}" for n in status["nodes"]]
-    lines += ["", "WORKER  NODE                      ADDRESS               ALIVE  MEMORY   TOKENS  REPLICAS"]
+    lines += ["", "WORKER  NODE                      ADDRESS               ALIVE  WEIGHTS   RESIDENT  TOKENS  REPLICAS"]
     for w in status["workers"]:
-        memory = f"{w.get('weight_bytes', 0) / 2**20:.1f}MiB"
+        weights, resident = (_mib(w.get(name)) for name in ("weight_bytes", "resident_bytes"))
         lines.append(f"{w['worker']:<7} {w.get('node_id', '-')[:24]:<25} {w.get('address', '-'):<21} "
-                     f"{w['alive']!s:<6} {memory:<8} {w['tokens_since_plan']:<7} {' '.join(w['replicas'])}")
+                     f"{w['alive']!s:<6} {weights:<9} {resident:<9} {w['tokens_since_plan']:<7} "
+                     f"{' '.join(w['replicas'])}")
     health = "  ".join(f"{name} {n}" for name, n in status["health"].items())
     lines += ["", f"health: {health}", f"ejected now: {status['ejected_workers'] or 'none'}",
               "", "ROUTER                            NODE                      PID      TABLE  EJECTED"]
@@ -85,6 +86,10 @@ def format_status(status: dict) -> str:
     hot = sorted(status["tokens_per_expert"].items(), key=lambda kv: -kv[1])
     lines += [f"  {pair:>6}  {tokens:>8}  ({counts[pair]})" for pair, tokens in hot] or ["  (no traffic yet)"]
     return "\n".join(lines)
+
+
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}MiB"
 
 
 SHADES = " .:-=+*#%@"  # no tokens, then ever more

@@ -59,8 +59,8 @@ def test_workers_land_on_distinct_nodes_and_status_shows_it(app):
     assert len(set(nodes)) == 3 and all(w["alive"] for w in status["workers"])
     assert {n["node_id"] for n in status["nodes"] if n["alive"]} >= set(nodes)
     assert status["replica_counts"]["0:3"] == 1 and status["replica_counts"]["0:4"] == 2
-    assert all(w["weight_bytes"] > 0 for w in status["workers"])
-    assert "WORKER" in ops.format_status(status)
+    assert all(w["resident_bytes"] > w["weight_bytes"] > 0 for w in status["workers"])
+    assert "RESIDENT" in ops.format_status(status)
 
 
 def test_scale_an_expert_1_3_1_while_streams_generate(app, inference_stub, expected):
