@@ -1,6 +1,6 @@
 """The cross-host fault matrix: faults of real hosts under load, each measured the same way.
 
-    python -m tests.host_matrix [--rows port,one_way,...] [--json-out matrix.json]
+    python -m tests.host_matrix [--rows port,one_way,...] [--engine vllm] [--json-out matrix.json]
 
 Three hosts (tests/hosts.py), one expert worker on each, the serving replica on the head's host, default settings
 in float32. Eight closed-loop greedy streams run through each fault and until the cluster is back at full capacity.
@@ -125,7 +125,7 @@ class Traffic:
                 thread.join(120)
 
 
-def deploy(app: str, replicas: int):
+def deploy(app: str, replicas: int, engine: str):
     import grpc
     from ray import serve
 
@@ -133,7 +133,7 @@ def deploy(app: str, replicas: int):
     from cluster.serving.app import application
     from protos import inference_pb2_grpc
 
-    config = ServeConfig(num_workers=3, default_replicas=replicas, dtype="float32")
+    config = ServeConfig(num_workers=3, default_replicas=replicas, dtype="float32", engine=engine)
     serve.run(application(config, ray_actor_options={"num_cpus": 0, "resources": {SERVING: 1}}), name=app,
               route_prefix=f"/{app}")
     traffic = Traffic(inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"{HEAD_IP}:{GRPC_PORT}")), app)
@@ -280,7 +280,7 @@ def _wait(condition, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
-def run_matrix(rows: list[str], hosts: Hosts, env: dict) -> dict:
+def run_matrix(rows: list[str], hosts: Hosts, env: dict, engine: str = "moecluster") -> dict:
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # before Ray reads them
     import ray
     from ray import serve
@@ -298,7 +298,7 @@ def run_matrix(rows: list[str], hosts: Hosts, env: dict) -> dict:
             if traffic is None or _replicas(traffic) != fault.replicas:
                 if traffic is not None:
                     serve.delete(traffic.app)
-                traffic = deploy(f"r{fault.replicas}", fault.replicas)
+                traffic = deploy(f"r{fault.replicas}", fault.replicas, engine)
             report[name] = {**run_row(hosts, traffic, fault), "health": status_now(traffic.app)["health"]}
             print(json.dumps({name: report[name]}), flush=True)
         serve.shutdown()
@@ -329,6 +329,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(FAULTS), help=f"of {', '.join(FAULTS)}")
+    parser.add_argument("--engine", choices=["moecluster", "vllm"], default="moecluster",
+                        help="the serving replica's engine (vllm: run it with a python that has vLLM)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -341,7 +343,7 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the hosts are taken down on SIGTERM too
     with host_cluster() as (hosts, env):
-        report = run_matrix(rows, hosts, env)
+        report = run_matrix(rows, hosts, env, args.engine)
     print(format_table(report))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
