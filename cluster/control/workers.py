@@ -25,6 +25,7 @@ from protos.wire.unix_stream import FrameLimits
 
 log = logging.getLogger(__name__)
 NAMESPACE = "moecluster"
+NODE_CHECK_S = 2.0  # how often a starting worker's node is checked for death
 HEALTH_TIMEOUT_S = 10.0  # a worker that does not answer Ray's ping within this has missed one
 MISSED_PINGS = 3  # in a row: a worker that missed this many is silent (one that is only slow, on a busy machine or
 # while a new version loads beside it, is not: the routers' health model steers around it)
@@ -92,12 +93,14 @@ class WorkerSlots:
         """New workers in `slots`, loading their share of `plan`; returns why each one that failed did."""
         for slot in slots:
             self.actors[slot] = self._spawn(slot, plan[slot])
+        nodes = self.nodes()  # where each new worker's bundle is as it starts
         refs = {slot: self.actors[slot].address.remote() for slot in slots}
+        deadline = time.monotonic() + self.config.startup_timeout_s
         failed = {}
         for slot, ref in refs.items():
             try:
-                self.addresses[slot] = ray.get(ref, timeout=self.config.startup_timeout_s)
-            except (RayActorError, GetTimeoutError) as error:
+                self.addresses[slot] = _started(ref, nodes[slot], deadline)
+            except (RayActorError, GetTimeoutError, PlacementError) as error:
                 failed[slot] = _first_line(error)
                 self.forget([slot])
         return failed
@@ -200,6 +203,20 @@ def _kill_named(name: str, timeout_s: float = 30.0) -> None:
         except ValueError:
             return
         time.sleep(0.1)
+
+
+def _started(address_ref, node: str, deadline: float) -> str:
+    """The address a new worker answers with once it has started. A worker bound for a node that dies before it
+    starts is given up at once: Ray may keep it waiting on that node (a host cut off before Ray took it for dead),
+    while the bundle moves to a live node that a new worker would start on."""
+    while True:
+        ready, _ = ray.wait([address_ref], timeout=max(0.0, min(NODE_CHECK_S, deadline - time.monotonic())))
+        if ready:
+            return ray.get(address_ref)
+        if time.monotonic() >= deadline:
+            raise GetTimeoutError("the worker did not start within startup_timeout_s")
+        if any(n["NodeID"] == node and not n["Alive"] for n in ray.nodes()):
+            raise PlacementError(f"its node {node[:12]} died before it started")
 
 
 def _named(name: str) -> bool:

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from cluster.control import workers
 from cluster.control.controller import silent_to_routers
 from experts import worker
 from experts.worker import Owner
@@ -42,3 +43,20 @@ def test_a_worker_that_routers_still_call_outlives_its_absent_owner(owner_gone):
         time.sleep(0.01)
     assert not freed.is_set()
     assert freed.wait(2.0)  # calls stopped: the owner is gone for good
+
+
+def test_a_new_worker_whose_node_dies_before_it_starts_is_given_up(monkeypatch):
+    """Ray may keep a worker bound for a host cut off before Ray took it for dead waiting there for good: once the
+    node is dead, the controller starts another, on the live node the bundle moves to."""
+    alive = {"node-a": True}
+    monkeypatch.setattr(workers.ray, "wait", lambda refs, timeout: ([], refs))
+    monkeypatch.setattr(workers.ray, "nodes", lambda: [{"NodeID": n, "Alive": a} for n, a in alive.items()])
+    monkeypatch.setattr(workers, "NODE_CHECK_S", 0.01)
+    with pytest.raises(workers.GetTimeoutError):  # its node lives: it may take its time, up to the deadline
+        workers._started("ref", "node-a", time.monotonic() + 0.05)
+    alive["node-a"] = False
+    with pytest.raises(workers.PlacementError, match="died before it started"):
+        workers._started("ref", "node-a", time.monotonic() + 60)
+    monkeypatch.setattr(workers.ray, "wait", lambda refs, timeout: (refs, []))
+    monkeypatch.setattr(workers.ray, "get", lambda ref: "10.0.0.1:7000")
+    assert workers._started("ref", "node-a", time.monotonic() + 60) == "10.0.0.1:7000"
