@@ -70,6 +70,9 @@ class VllmServer:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
 
+        from cluster.vllm_engine import tools
+
+        tools.register()  # before vLLM's chat server looks its tool parser up
         tasks = await self.engine.get_supported_tasks()
         app = build_app(self.args, supported_tasks=tasks, model_config=self.engine.model_config)
         await init_app_state(self.engine, app.state, self.args, tasks)

@@ -17,11 +17,14 @@ def vllm_args(config: ServeConfig, model_dir: str, model_name: str, spec: TierSp
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from cluster.vllm_engine import tools
+
     argv = ["--model", model_dir, "--served-model-name", model_name, "--dtype", config.dtype,
             "--max-num-seqs", str(config.max_batch_size),
             "--additional-config", json.dumps({CONFIG_KEY: spec.data()}),
             "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS),
             "--logits-processors", LOST_REQUESTS,
+            "--enable-auto-tool-choice", "--tool-call-parser", tools.NAME,  # vLLM uses a parser only with both
             "--disable-uvicorn-access-log"]
     if config.kv_cache_tokens is not None:
         argv += ["--num-gpu-blocks-override", str(-(-config.kv_cache_tokens // BLOCK_TOKENS))]

