@@ -144,7 +144,7 @@ class VllmServer:
         reachable = True
         async with contextlib.aclosing(_lines(reader)) as lines:
             async for router in lines:
-                if "lost" in router:
+                if "lost" in router:  # not a check-in: the processor's message
                     self.engine.lose(router["lost"], router["why"])
                     writer.write(b"{}\n")
                     await writer.drain()
