@@ -43,10 +43,13 @@ class TierEngine(AsyncLLM):
     def lose(self, request_ids: list[str], why: str) -> None:
         """The requests needed an expert with no live replica: each fails at its next output, and the KV blocks
         that hold NaN leave the prefix cache (running requests are recomputed, which costs time, never a token)."""
-        for request_id in request_ids:
+        new = [request_id for request_id in request_ids if request_id not in self.lost]  # told again, a step later
+        if not new:
+            return
+        for request_id in new:
             self.lost[request_id] = why
             log.warning("request %s failed: %s", request_id, why)
-        drop = asyncio.get_running_loop().create_task(self._drop(request_ids))
+        drop = asyncio.get_running_loop().create_task(self._drop(new))
         self._drops.add(drop)
         drop.add_done_callback(self._drops.discard)
 
