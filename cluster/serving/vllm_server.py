@@ -111,9 +111,8 @@ class VllmServer:
     async def _choice(self, prompt_ids: list[int], params: SamplingParams):
         from vllm.inputs import TokensPrompt
 
-        from cluster.vllm_engine.requests import event, vllm_sampling
-
         from cluster.vllm_engine.engine import ExpertsLost
+        from cluster.vllm_engine.requests import event, vllm_sampling
 
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_sampling(params),
                                        f"grpc-{uuid.uuid4().hex}")
