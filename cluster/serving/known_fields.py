@@ -41,12 +41,14 @@ class KnownFields:
         known = self.routes.get(path) if scope["type"] == "http" and scope.get("method") == "POST" else None
         if known is None:
             return await self.app(scope, receive, send)
-        body, more = b"", True
+        chunks, more = [], True
         while more:  # the body limit, outside this, bounds what is read
             message = await receive()
             if message["type"] != "http.request":
                 return await self.app(scope, _replay([message], receive), send)
-            body, more = body + message.get("body", b""), message.get("more_body", False)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
         unknown = unknown_fields(body, known)
         if unknown:
             return await refuse(send, f"{', '.join(unknown)}: not supported by this server")
